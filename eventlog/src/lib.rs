@@ -1,0 +1,28 @@
+//! Tally's Kafka plumbing. It knows topics, envelopes, transactions and partitions, and
+//! nothing of orders: the domain crates sit on top of it (DESIGN.md §1–§3).
+//!
+//! - [`KafkaConfig`]: where the brokers are, the topic prefix, partitions, and any extra
+//!   librdkafka properties (SASL/SSL) passed through to every client.
+//! - [`Topics`] names every topic; [`ensure_topics`] creates the missing ones with the
+//!   right settings (event topics are kept forever) and checks co-partitioning.
+//! - [`EventEnvelope`]: the JSON record of one event, with type and version repeated as
+//!   Kafka headers so consumers can route without decoding.
+//! - [`TxnProducer`]: a transactional producer whose blocking calls run off the async
+//!   runtime, with librdkafka's errors sorted into retriable / abortable / fatal.
+//! - [`read_partition`]: read one partition `read_committed` from an offset up to its
+//!   last stable offset, the catch-up step before a processor takes commands.
+
+mod config;
+mod envelope;
+mod reader;
+mod topics;
+mod txn;
+
+pub use config::KafkaConfig;
+pub use envelope::{headers, EventEnvelope, EventMetadata};
+pub use reader::{read_partition, watermarks};
+pub use topics::{check_connection, ensure_topics, TopicSpec, Topics};
+pub use txn::{classify, TxnErrorKind, TxnProducer};
+
+/// Re-exported so dependants use the same rdkafka as this crate.
+pub use rdkafka;

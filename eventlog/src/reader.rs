@@ -1,0 +1,111 @@
+//! Reading one partition `read_committed` up to its last stable offset.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::time::{timeout, Instant};
+
+use crate::KafkaConfig;
+
+/// How long a catch-up read may go without a record or a position change.
+const STALL_LIMIT: Duration = Duration::from_secs(30);
+
+fn read_committed(config: &KafkaConfig) -> rdkafka::ClientConfig {
+    let mut c = config.client();
+    c.set("group.id", "tally-partition-reader")
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false");
+    c
+}
+
+/// `(low, high)` watermarks of a partition as a `read_committed` reader sees them: `high`
+/// is the last stable offset, past which no committed record can yet be read.
+pub async fn watermarks(
+    config: &KafkaConfig,
+    topic: &str,
+    partition: i32,
+) -> anyhow::Result<(i64, i64)> {
+    let consumer: BaseConsumer = read_committed(config)
+        .create()
+        .context("creating a consumer")?;
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        consumer
+            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+            .with_context(|| format!("fetching watermarks of {topic}/{partition}"))
+    })
+    .await?
+}
+
+/// Reads `topic`/`partition` from offset `from` with `read_committed`, calling
+/// `on_record` for each committed record in order, until the reader's position reaches the
+/// last stable offset seen at the start. Returns the next offset to read.
+///
+/// The partition is assigned with its start offset (not assign-then-seek), and the end
+/// is judged by the consumer's position rather than the last record's offset, because
+/// transaction markers and aborted records take offsets but are never delivered.
+pub async fn read_partition<F>(
+    config: &KafkaConfig,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    mut on_record: F,
+) -> anyhow::Result<i64>
+where
+    F: FnMut(&BorrowedMessage<'_>) -> anyhow::Result<()>,
+{
+    let (low, end) = watermarks(config, topic, partition).await?;
+    let mut next = from.max(low);
+    if next >= end {
+        return Ok(next);
+    }
+    let consumer: StreamConsumer = read_committed(config)
+        .create()
+        .context("creating a consumer")?;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, partition, Offset::Offset(next))?;
+    consumer
+        .assign(&assignment)
+        .context("assigning the partition")?;
+
+    let mut last_progress = Instant::now();
+    while next < end {
+        match timeout(Duration::from_millis(250), consumer.recv()).await {
+            Ok(Ok(message)) => {
+                on_record(&message)?;
+                next = message.offset() + 1;
+                last_progress = Instant::now();
+            }
+            Ok(Err(err)) => bail!("reading {topic}/{partition} at {next}: {err}"),
+            Err(_elapsed) => {
+                if let Some(position) = position(&consumer, topic, partition)? {
+                    if position > next {
+                        next = position;
+                        last_progress = Instant::now();
+                    }
+                }
+                if last_progress.elapsed() > STALL_LIMIT {
+                    bail!("reading {topic}/{partition} made no progress at {next} of {end} for {STALL_LIMIT:?}");
+                }
+            }
+        }
+    }
+    Ok(next)
+}
+
+fn position(consumer: &StreamConsumer, topic: &str, partition: i32) -> anyhow::Result<Option<i64>> {
+    let positions = consumer
+        .position()
+        .context("reading the consumer position")?;
+    Ok(positions
+        .find_partition(topic, partition)
+        .and_then(|p| match p.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }))
+}

@@ -1,0 +1,184 @@
+//! Topic names and creation (DESIGN.md §2).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use tracing::info;
+
+use crate::KafkaConfig;
+
+const FOREVER: &str = "-1";
+const WEEK_MS: &str = "604800000";
+const DAY_MS: &str = "86400000";
+
+/// The names of every topic, from the configured prefix.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    /// Topic names under `prefix` (e.g. `tally`).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// Events of one stream (`order`, `inventory`, `payment`), keyed by aggregate id.
+    pub fn events(&self, stream: &str) -> String {
+        format!("{}.{stream}.events", self.prefix)
+    }
+
+    /// Commands for one stream, co-partitioned with its events.
+    pub fn commands(&self, stream: &str) -> String {
+        format!("{}.{stream}.commands", self.prefix)
+    }
+
+    /// Outcomes of commands, for the HTTP node that waits.
+    pub fn command_results(&self) -> String {
+        format!("{}.command-results", self.prefix)
+    }
+
+    /// The order-fulfilment saga's own events, keyed by order id.
+    pub fn saga_events(&self) -> String {
+        format!("{}.saga.order-fulfilment.events", self.prefix)
+    }
+
+    /// Outcomes of the commands the saga sent, keyed by saga (order) id.
+    pub fn saga_inbox(&self) -> String {
+        format!("{}.saga.order-fulfilment.inbox", self.prefix)
+    }
+
+    /// Records that could not be decoded or processed, with the error in headers.
+    pub fn dead_letters(&self) -> String {
+        format!("{}.dlq", self.prefix)
+    }
+
+    /// Every topic Tally uses for these streams, with its settings.
+    pub fn all(&self, streams: &[&str], config: &KafkaConfig) -> Vec<TopicSpec> {
+        let p = config.partitions;
+        let mut specs = Vec::new();
+        for stream in streams {
+            specs.push(TopicSpec::new(self.events(stream), p, FOREVER));
+            specs.push(TopicSpec::new(self.commands(stream), p, WEEK_MS));
+        }
+        specs.push(TopicSpec::new(self.command_results(), p, DAY_MS));
+        specs.push(TopicSpec::new(self.saga_events(), p, FOREVER));
+        specs.push(TopicSpec::new(self.saga_inbox(), p, WEEK_MS));
+        specs.push(TopicSpec::new(self.dead_letters(), 1, FOREVER));
+        specs
+    }
+}
+
+/// One topic to create: name, partitions and retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    /// `retention.ms`; `-1` keeps records forever (the log is the source of truth).
+    pub retention_ms: &'static str,
+}
+
+impl TopicSpec {
+    /// A topic spec; `retention_ms` of `"-1"` keeps records forever.
+    pub fn new(name: String, partitions: i32, retention_ms: &'static str) -> Self {
+        Self {
+            name,
+            partitions,
+            retention_ms,
+        }
+    }
+}
+
+/// Fails unless the brokers answer a metadata request within `timeout`.
+pub async fn check_connection(config: &KafkaConfig, timeout: Duration) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = config
+        .client()
+        .create()
+        .context("creating a Kafka client")?;
+    tokio::task::spawn_blocking(move || consumer.fetch_metadata(None, timeout).map(|_| ()))
+        .await?
+        .with_context(|| "Kafka did not answer; is it running? (scripts/services up)".to_string())
+}
+
+/// Creates the topics that are missing and checks the partition counts of those that
+/// exist: co-partitioned topics with another count would break single-writer ownership.
+pub async fn ensure_topics(config: &KafkaConfig, specs: &[TopicSpec]) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = config
+        .client()
+        .create()
+        .context("creating a Kafka admin client")?;
+    let new_topics: Vec<NewTopic> = specs
+        .iter()
+        .map(|s| {
+            NewTopic::new(
+                &s.name,
+                s.partitions,
+                TopicReplication::Fixed(config.replication_factor),
+            )
+            .set("retention.ms", s.retention_ms)
+            .set("cleanup.policy", "delete")
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&new_topics, &options)
+        .await
+        .context("creating topics")?;
+    for result in results {
+        match result {
+            Ok(name) => info!(topic = %name, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => bail!("could not create topic {name}: {code}"),
+        }
+    }
+    verify_partitions(config, specs).await
+}
+
+async fn verify_partitions(config: &KafkaConfig, specs: &[TopicSpec]) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = config
+        .client()
+        .create()
+        .context("creating a Kafka client")?;
+    let specs = specs.to_vec();
+    tokio::task::spawn_blocking(move || {
+        // A topic just created can take a moment to appear in the brokers' metadata.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let metadata = consumer
+                .fetch_metadata(None, Duration::from_secs(10))
+                .context("fetching topic metadata")?;
+            let mut missing = None;
+            for spec in &specs {
+                let found = metadata
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == spec.name && t.error().is_none())
+                    .map(|t| t.partitions().len() as i32);
+                match found {
+                    Some(n) if n == spec.partitions => {}
+                    Some(n) => bail!(
+                        "topic {} has {n} partitions but {} are configured; co-partitioned \
+                         topics must match: use --partitions {n} or a new --topic-prefix",
+                        spec.name,
+                        spec.partitions
+                    ),
+                    None => missing = Some(spec.name.clone()),
+                }
+            }
+            match missing {
+                None => return Ok(()),
+                Some(name) if std::time::Instant::now() > deadline => {
+                    bail!("topic {name} is still missing from the metadata after creation")
+                }
+                Some(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    })
+    .await?
+}

@@ -1,0 +1,134 @@
+//! Command-line and environment configuration. Only `main` reads the environment (through
+//! clap); the library takes these plain values.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use eventlog::KafkaConfig;
+
+/// Tally: event-sourced orders, inventory and payments on an Apache Kafka log.
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check Kafka and PostgreSQL, create topics, run migrations, and serve the HTTP API.
+    Serve(ServeArgs),
+    /// Create the topics and run the migrations, then exit (for deploy pipelines).
+    Init(CommonArgs),
+}
+
+/// Settings every command needs: where Kafka and PostgreSQL are, and logging.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    #[arg(long, env = "TALLY_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
+    pub kafka_brokers: String,
+    /// Extra librdkafka properties for every Kafka client, `key=value` (repeatable or
+    /// comma-separated), e.g. `security.protocol=SASL_SSL`.
+    #[arg(long = "kafka-property", env = "TALLY_KAFKA_PROPERTIES", value_delimiter = ',', value_parser = parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
+    /// Prefix of every topic name.
+    #[arg(long, env = "TALLY_TOPIC_PREFIX", default_value = "tally")]
+    pub topic_prefix: String,
+    /// Partitions of each event and command topic; fixed once the topics exist.
+    #[arg(long, env = "TALLY_PARTITIONS", default_value_t = 8, value_parser = clap::value_parser!(i32).range(1..=1024))]
+    pub partitions: i32,
+    /// Replication factor of topics Tally creates (3 in production).
+    #[arg(long, env = "TALLY_REPLICATION_FACTOR", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=16))]
+    pub replication_factor: i32,
+    /// PostgreSQL URL of the read models.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://tally:tally@127.0.0.1:15432/tally"
+    )]
+    pub database_url: String,
+    /// Most PostgreSQL connections this process opens.
+    #[arg(long, env = "TALLY_DATABASE_CONNECTIONS", default_value_t = 16)]
+    pub database_connections: u32,
+    /// How long to keep retrying Kafka and PostgreSQL at start-up, in seconds.
+    #[arg(long, env = "TALLY_STARTUP_TIMEOUT_SECS", default_value_t = 60)]
+    pub startup_timeout_secs: u64,
+    /// Log format: human `text` or one `json` object per line.
+    #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `tally serve` settings.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Address the HTTP API listens on (port 0 picks a free port).
+    #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+impl CommonArgs {
+    /// The Kafka settings these arguments describe.
+    pub fn kafka(&self) -> KafkaConfig {
+        KafkaConfig {
+            brokers: self.kafka_brokers.clone(),
+            topic_prefix: self.topic_prefix.clone(),
+            partitions: self.partitions,
+            replication_factor: self.replication_factor,
+            properties: self.kafka_properties.clone(),
+        }
+    }
+
+    /// How long start-up waits for Kafka and PostgreSQL.
+    pub fn startup_timeout(&self) -> Duration {
+        Duration::from_secs(self.startup_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_properties_are_key_value_pairs() {
+        assert_eq!(
+            parse_property("a.b = c").unwrap(),
+            ("a.b".into(), "c".into())
+        );
+        assert!(parse_property("novalue").is_err());
+        assert!(parse_property("=x").is_err());
+    }
+
+    #[test]
+    fn serve_has_working_defaults() {
+        let cli = Cli::try_parse_from(["tally", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(args.common.kafka().partitions, 8);
+    }
+
+    #[test]
+    fn zero_partitions_is_refused() {
+        assert!(Cli::try_parse_from(["tally", "serve", "--partitions", "0"]).is_err());
+    }
+}

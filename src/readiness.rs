@@ -1,0 +1,64 @@
+//! `/healthz` and `/readyz`: is the process up, and can it do its work.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::Json;
+use eventlog::rdkafka::consumer::{BaseConsumer, Consumer};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use crate::error::ApiError;
+
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What readiness checks: a Kafka client kept open for metadata requests, and the pool.
+#[derive(Clone)]
+pub struct Readiness {
+    pub kafka: Arc<BaseConsumer>,
+    pub pool: PgPool,
+}
+
+/// `GET /healthz`: `200` while the process runs.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: `200` when Kafka and PostgreSQL answer, else `503 not_ready` naming
+/// what failed.
+pub async fn readyz(State(ready): State<Readiness>) -> Result<Json<Value>, ApiError> {
+    let (kafka, postgres) = tokio::join!(
+        check_kafka(ready.kafka.clone()),
+        check_postgres(&ready.pool)
+    );
+    let checks = json!({ "kafka": describe(&kafka), "postgres": describe(&postgres) });
+    if kafka.is_ok() && postgres.is_ok() {
+        Ok(Json(json!({ "status": "ready", "checks": checks })))
+    } else {
+        Err(ApiError::not_ready("a dependency is not answering; see details").with_details(checks))
+    }
+}
+
+fn describe(result: &Result<(), String>) -> String {
+    match result {
+        Ok(()) => "ok".into(),
+        Err(e) => e.clone(),
+    }
+}
+
+async fn check_kafka(client: Arc<BaseConsumer>) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || client.fetch_metadata(None, CHECK_TIMEOUT).map(|_| ()))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("kafka metadata request failed: {e}"))
+}
+
+async fn check_postgres(pool: &PgPool) -> Result<(), String> {
+    let query = sqlx::query("SELECT 1").execute(pool);
+    match tokio::time::timeout(CHECK_TIMEOUT, query).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("postgres query failed: {e}")),
+        Err(_) => Err("postgres did not answer within 2s".into()),
+    }
+}
