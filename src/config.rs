@@ -69,6 +69,33 @@ pub struct ServeArgs {
     /// Address the HTTP API listens on (port 0 picks a free port).
     #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// What this process does, and how long it waits.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Roles this process plays, comma-separated: `api` serves HTTP, `commands` runs the
+    /// command processors. More processes with `commands` split the partitions.
+    #[arg(long, env = "TALLY_ROLES", value_enum, value_delimiter = ',', default_value = "api,commands")]
+    pub roles: Vec<Role>,
+    /// How long a command request waits for its outcome before answering 503, in seconds.
+    #[arg(long, env = "TALLY_COMMAND_TIMEOUT_SECS", default_value_t = 10)]
+    pub command_timeout_secs: u64,
+    /// How long processors keep outcomes of commands sent with an Idempotency-Key in
+    /// memory, in seconds (PostgreSQL keeps the answers for 48 hours).
+    #[arg(long, env = "TALLY_DEDUP_WINDOW_SECS", default_value_t = 900)]
+    pub dedup_window_secs: u64,
+}
+
+/// A role of a Tally process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// The HTTP API.
+    Api,
+    /// The command processors (write side).
+    Commands,
 }
 
 /// How log lines are written.

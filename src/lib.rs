@@ -2,43 +2,49 @@
 //! start the whole app in-process (DESIGN.md §1).
 //!
 //! [`prepare`] waits for Kafka and PostgreSQL, creates the topics and runs the
-//! migrations; [`run`] serves the HTTP API on a listener until `shutdown` resolves.
+//! migrations; [`run`] plays the configured roles (HTTP API, command processors) until
+//! `shutdown` is cancelled.
 
 pub mod config;
-pub mod error;
+mod ops;
 pub mod readiness;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aggregates::{Inventory, Order, PaymentAccount};
 use anyhow::Context;
+use api::ApiError;
 use axum::http::{HeaderName, Request};
 use axum::routing::get;
 use axum::Router;
+use commands::processor::{self, ProcessorConfig, ProcessorStatus};
+use commands::{CommandBus, CommandStream, Waiters};
 use eventlog::{ensure_topics, KafkaConfig, Topics};
+use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tower_http::request_id::{
-    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
+use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::config::CommonArgs;
-use crate::error::ApiError;
+use crate::config::{CommonArgs, Role, RunArgs};
 use crate::readiness::Readiness;
 
 /// The event streams, one per aggregate type: `<prefix>.<stream>.events` / `.commands`.
-pub const STREAMS: [&str; 3] = ["order", "inventory", "payment"];
+pub const STREAMS: [&str; 3] = [Order::STREAM, Inventory::STREAM, PaymentAccount::STREAM];
 
 /// The header that carries a request's correlation id, in and out.
 pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
 
-/// Everything the HTTP handlers share.
+/// The connections every role starts from.
 #[derive(Clone)]
 pub struct AppState {
     pub kafka: KafkaConfig,
+    pub pool: PgPool,
     pub readiness: Readiness,
 }
 
@@ -48,15 +54,8 @@ pub async fn prepare(common: &CommonArgs) -> anyhow::Result<AppState> {
     let kafka = common.kafka();
     let deadline = Instant::now() + common.startup_timeout();
 
-    retry_until(deadline, "Kafka", || {
-        eventlog::check_connection(&kafka, Duration::from_secs(3))
-    })
-    .await?;
-    ensure_topics(
-        &kafka,
-        &Topics::new(&kafka.topic_prefix).all(&STREAMS, &kafka),
-    )
-    .await?;
+    retry_until(deadline, "Kafka", || eventlog::check_connection(&kafka, Duration::from_secs(3))).await?;
+    ensure_topics(&kafka, &Topics::new(&kafka.topic_prefix).all(&STREAMS, &kafka)).await?;
     info!(brokers = %kafka.brokers, prefix = %kafka.topic_prefix, partitions = kafka.partitions, "kafka ready, topics in place");
 
     let options = common
@@ -70,17 +69,9 @@ pub async fn prepare(common: &CommonArgs) -> anyhow::Result<AppState> {
     projections::migrate(&pool).await?;
     info!("postgres ready, migrations applied");
 
-    let probe = kafka
-        .client()
-        .create()
-        .context("creating the readiness Kafka client")?;
-    Ok(AppState {
-        kafka,
-        readiness: Readiness {
-            kafka: Arc::new(probe),
-            pool,
-        },
-    })
+    let probe = kafka.client().create().context("creating the readiness Kafka client")?;
+    let readiness = Readiness { kafka: Arc::new(probe), pool: pool.clone(), processors: Vec::new() };
+    Ok(AppState { kafka, pool, readiness })
 }
 
 async fn retry_until<T, F, Fut>(deadline: Instant, what: &str, mut attempt: F) -> anyhow::Result<T>
@@ -95,21 +86,88 @@ where
                 warn!(error = %format!("{err:#}"), "{what} not reachable yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            Err(err) => {
-                return Err(
-                    err.context(format!("{what} still unreachable at the start-up deadline"))
-                )
-            }
+            Err(err) => return Err(err.context(format!("{what} still unreachable at the start-up deadline"))),
         }
     }
 }
 
+/// Plays `settings.roles` until `shutdown` is cancelled: the HTTP API on `listener` (which
+/// the `api` role needs) and the command processors.
+pub async fn run(
+    listener: Option<TcpListener>,
+    mut state: AppState,
+    settings: RunArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let waiters = Waiters::default();
+    let mut tasks = JoinSet::new();
+    let mut statuses = Vec::new();
+    if settings.roles.contains(&Role::Commands) {
+        let config = ProcessorConfig {
+            kafka: state.kafka.clone(),
+            dedup_window: Duration::from_secs(settings.dedup_window_secs),
+        };
+        statuses.push(spawn_processor::<Order>(&mut tasks, &config, &waiters, &shutdown));
+        statuses.push(spawn_processor::<Inventory>(&mut tasks, &config, &waiters, &shutdown));
+        statuses.push(spawn_processor::<PaymentAccount>(&mut tasks, &config, &waiters, &shutdown));
+    }
+    state.readiness.processors = statuses.clone();
+
+    if settings.roles.contains(&Role::Api) {
+        let listener = listener.context("the api role needs a listener")?;
+        commands::start_results_listener(&state.kafka, waiters.clone(), shutdown.clone()).await?;
+        let bus = CommandBus::new(&state.kafka, waiters, Duration::from_secs(settings.command_timeout_secs))?;
+        let commands = commands::http::CommandApi { bus, pool: state.pool.clone() };
+        let app = router(state, statuses, commands);
+        info!(addr = %listener.local_addr()?, roles = ?settings.roles, "serving the HTTP API");
+        let stop = shutdown.clone();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+            .context("serving HTTP")?;
+    } else {
+        info!(roles = ?settings.roles, "running without the HTTP API");
+        shutdown.cancelled().await;
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Runs the processor of `A`, restarting it (it rebuilds from the log) when it fails.
+fn spawn_processor<A: CommandStream>(
+    tasks: &mut JoinSet<()>,
+    config: &ProcessorConfig,
+    waiters: &Waiters,
+    shutdown: &CancellationToken,
+) -> (&'static str, ProcessorStatus) {
+    let status = ProcessorStatus::default();
+    let (config, waiters, shutdown, handle) = (config.clone(), waiters.clone(), shutdown.clone(), status.clone());
+    tasks.spawn(async move {
+        loop {
+            let result = processor::run::<A>(config.clone(), waiters.clone(), handle.clone(), shutdown.clone()).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if let Err(e) = result {
+                error!(stream = A::STREAM, error = %format!("{e:#}"), "command processor failed; restarting in 1s");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
+    (A::STREAM, status)
+}
+
 /// The HTTP API: every route, the correlation id in and out, request tracing, and the
 /// API.md error shape for unknown routes.
-pub fn router(state: AppState) -> Router {
+pub fn router(state: AppState, processors: Vec<(&'static str, ProcessorStatus)>, commands: commands::http::CommandApi) -> Router {
     Router::new()
         .route("/healthz", get(readiness::healthz))
         .route("/readyz", get(readiness::readyz).with_state(state.readiness.clone()))
+        .route("/metrics", get(ops::metrics).with_state(processors))
+        .merge(commands::http::routes(commands))
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
@@ -124,17 +182,4 @@ pub fn router(state: AppState) -> Router {
             tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), correlation_id)
         }))
         .layer(SetRequestIdLayer::new(CORRELATION_ID, MakeRequestUuid))
-}
-
-/// Serves the API on `listener` until `shutdown` resolves.
-pub async fn run(
-    listener: TcpListener,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    info!(addr = %listener.local_addr()?, "serving the HTTP API");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving HTTP")
 }

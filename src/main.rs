@@ -20,7 +20,13 @@ async fn main() -> anyhow::Result<()> {
                         args.listen
                     )
                 })?;
-            tally::run(listener, state, shutdown_signal()).await
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let trigger = shutdown.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                trigger.cancel();
+            });
+            tally::run(Some(listener), state, args.run, shutdown).await
         }
         Command::Init(common) => {
             init_logging(common.log_format);

@@ -1,15 +1,17 @@
 //! `/healthz` and `/readyz`: is the process up, and can it do its work.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::Json;
+use commands::ProcessorStatus;
 use eventlog::rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::error::ApiError;
+use api::ApiError;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -18,6 +20,8 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Readiness {
     pub kafka: Arc<BaseConsumer>,
     pub pool: PgPool,
+    /// The command processors of this process, whose partitions must be rebuilt.
+    pub processors: Vec<(&'static str, ProcessorStatus)>,
 }
 
 /// `GET /healthz`: `200` while the process runs.
@@ -25,15 +29,21 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// `GET /readyz`: `200` when Kafka and PostgreSQL answer, else `503 not_ready` naming
-/// what failed.
+/// `GET /readyz`: `200` when Kafka and PostgreSQL answer and every owned partition has
+/// been rebuilt, else `503 not_ready` naming what failed.
 pub async fn readyz(State(ready): State<Readiness>) -> Result<Json<Value>, ApiError> {
     let (kafka, postgres) = tokio::join!(
         check_kafka(ready.kafka.clone()),
         check_postgres(&ready.pool)
     );
-    let checks = json!({ "kafka": describe(&kafka), "postgres": describe(&postgres) });
-    if kafka.is_ok() && postgres.is_ok() {
+    let rebuilding: usize = ready.processors.iter().map(|(_, s)| s.rebuilding.load(Ordering::Relaxed)).sum();
+    let partitions = if rebuilding == 0 { Ok(()) } else { Err(format!("{rebuilding} owned partitions still rebuilding")) };
+    let checks = json!({
+        "kafka": describe(&kafka),
+        "postgres": describe(&postgres),
+        "partitions": describe(&partitions),
+    });
+    if kafka.is_ok() && postgres.is_ok() && partitions.is_ok() {
         Ok(Json(json!({ "status": "ready", "checks": checks })))
     } else {
         Err(ApiError::not_ready("a dependency is not answering; see details").with_details(checks))

@@ -1,37 +1,23 @@
 //! The whole app in-process on port 0, against the real Kafka and PostgreSQL.
 
+mod common;
+
 use std::net::SocketAddr;
 
-use clap::Parser;
 use serde_json::Value;
-use tally::config::{Cli, Command, CommonArgs};
+use tally::config::CommonArgs;
 
-/// Settings from the environment scripts/test exports, with a topic prefix of our own.
 fn common_args() -> CommonArgs {
-    assert!(
-        std::env::var_os("TALLY_KAFKA_BROKERS").is_some() && std::env::var_os("DATABASE_URL").is_some(),
-        "TALLY_KAFKA_BROKERS and DATABASE_URL must point at running services (scripts/test sets them)"
-    );
-    let prefix = format!("test-{}", uuid::Uuid::new_v4().simple());
-    let cli = Cli::try_parse_from([
-        "tally",
-        "serve",
-        "--topic-prefix",
-        &prefix,
-        "--partitions",
-        "2",
-    ])
-    .unwrap();
-    let Command::Serve(args) = cli.command else {
-        unreachable!("parsed serve")
-    };
-    args.common
+    common::args(&common::new_prefix(), 2, "api").0
 }
 
+/// Serves the API role only (no processors) and answers its address.
 async fn start(state: tally::AppState) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(tally::run(listener, state, std::future::pending()));
+    let run = common::args("unused", 2, "api").1;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(tally::run(Some(listener), state, run, shutdown));
     addr
 }
 

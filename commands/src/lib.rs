@@ -1,7 +1,28 @@
-//! Tally's write side (DESIGN.md §3): a command processor per aggregate type that owns
-//! partitions of its command topic, rebuilds aggregates from the event topic, and appends
-//! events, command results and consumed offsets in one Kafka transaction; and the HTTP
-//! command routes of API.md.
+//! Tally's write side (DESIGN.md §3).
 //!
-//! Not built yet: see the write-side issue. The crate exists so the workspace has its
-//! final shape and dependency direction (`aggregates`, `eventlog` ← `commands`).
+//! - [`http::routes`]: the command routes of API.md. They validate everything a request
+//!   can get wrong, claim the Idempotency-Key, and hand the command to the [`CommandBus`].
+//! - [`CommandBus`]: appends the command to its partition of `<prefix>.<stream>.commands`
+//!   (the same partition as the aggregate's events) and waits for the outcome.
+//! - [`processor::run`]: one per aggregate type, a member of the command topic's consumer
+//!   group. Each owned partition is fenced (`init_transactions`), rebuilt from the event
+//!   partition up to the last stable offset, then served in batches: events + command
+//!   results + consumed offsets in ONE Kafka transaction, state updated after the commit.
+//! - Outcomes come back through [`Waiters`]: straight from a processor in this process, or
+//!   through the command-results topic ([`start_results_listener`]) from another one.
+
+mod bus;
+pub mod http;
+pub mod idempotency;
+mod metrics;
+mod partition;
+pub mod processor;
+mod stream;
+mod waiters;
+pub mod wire;
+
+pub use bus::{start_results_listener, CommandBus, DispatchError};
+pub use metrics::Metrics;
+pub use processor::{ProcessorConfig, ProcessorStatus};
+pub use stream::CommandStream;
+pub use waiters::Waiters;

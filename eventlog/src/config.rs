@@ -29,12 +29,18 @@ impl KafkaConfig {
         }
     }
 
+    /// A producer config: [`client`](Self::client) with Java-compatible key hashing, should
+    /// anything ever let Kafka pick a partition (Tally always picks its own).
+    pub fn producer(&self) -> ClientConfig {
+        let mut config = self.client();
+        config.set("partitioner", "murmur2_random");
+        config
+    }
+
     /// A librdkafka client config with the brokers and the extra properties set.
     pub fn client(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
-        // Java-compatible hashing, should anything ever let Kafka pick the partition.
-        config.set("partitioner", "murmur2_random");
         for (key, value) in &self.properties {
             config.set(key, value);
         }

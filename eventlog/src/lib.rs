@@ -14,12 +14,14 @@
 
 mod config;
 mod envelope;
+mod partitioner;
 mod reader;
 mod topics;
 mod txn;
 
 pub use config::KafkaConfig;
 pub use envelope::{headers, EventEnvelope, EventMetadata};
+pub use partitioner::{murmur2, partition_for};
 pub use reader::{read_partition, watermarks};
 pub use topics::{check_connection, ensure_topics, TopicSpec, Topics};
 pub use txn::{classify, TxnErrorKind, TxnProducer};

@@ -67,7 +67,7 @@ impl TxnProducer {
     /// with the same `transactional_id` and aborts its open transaction.
     pub async fn new(config: &KafkaConfig, transactional_id: &str) -> anyhow::Result<Self> {
         let producer: FutureProducer = config
-            .client()
+            .producer()
             .set("transactional.id", transactional_id)
             .set("enable.idempotence", "true")
             .set("linger.ms", "2")

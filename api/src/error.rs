@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 /// error has the same shape and a `code` clients can branch on.
 #[derive(Debug, Clone)]
 pub struct ApiError {
+    /// The HTTP status.
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
@@ -32,6 +33,23 @@ impl ApiError {
         self
     }
 
+    /// `400 malformed_request`.
+    pub fn malformed(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "malformed_request", message)
+    }
+
+    /// `422 rule_violation`, naming the rule in `details.rule`.
+    pub fn rule_violation(rule: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "rule_violation", message)
+            .with_details(json!({ "rule": rule }))
+    }
+
+    /// An internal failure: logged with its cause chain, answered as an opaque 500.
+    pub fn internal(err: impl std::fmt::Debug) -> Self {
+        tracing::error!(error = ?err, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "something went wrong on our side; it has been logged")
+    }
+
     /// `404 not_found`.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
@@ -43,12 +61,19 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The response body: `{ "error": { "code", "message", "details"? } }`.
+    pub fn body(&self) -> Value {
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if let Some(details) = &self.details {
+            error["details"] = details.clone();
+        }
+        json!({ "error": error })
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut error = json!({ "code": self.code, "message": self.message });
-        if let Some(details) = self.details {
-            error["details"] = details;
-        }
-        (self.status, Json(json!({ "error": error }))).into_response()
+        (self.status, Json(self.body())).into_response()
     }
 }

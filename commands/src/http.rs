@@ -1,0 +1,367 @@
+//! The command routes of API.md. Everything a request can get wrong is found here, before
+//! anything reaches Kafka; what only the aggregate can judge comes back from the processor.
+
+use aggregates::{Cents, CustomerId, Inventory, InventoryCommand, Order, OrderCommand, OrderId, OrderLine, PaymentAccount, PaymentCommand, Quantity, Sku, ValueError};
+use api::{json_body, parse_customer_id, parse_order_id, parse_sku, ApiError};
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::bus::{CommandBus, DispatchError};
+use crate::idempotency::{self, Claim};
+use crate::stream::CommandStream;
+use crate::wire::{CommandEnvelope, CommandResult};
+
+/// What the command routes need.
+#[derive(Clone)]
+pub struct CommandApi {
+    pub bus: CommandBus,
+    pub pool: PgPool,
+}
+
+/// The command routes, ready to merge into the app's router.
+pub fn routes(api: CommandApi) -> Router {
+    Router::new()
+        .route("/v1/orders", post(create_order))
+        .route("/v1/orders/{order_id}/lines", post(add_line))
+        .route("/v1/orders/{order_id}/lines/{sku}", delete(remove_line))
+        .route("/v1/orders/{order_id}/place", post(place_order))
+        .route("/v1/orders/{order_id}/cancel", post(cancel_order))
+        .route("/v1/inventory/{sku}/restock", post(restock))
+        .route("/v1/accounts/{customer_id}/deposits", post(deposit))
+        .with_state(api)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineBody {
+    sku: String,
+    quantity: i64,
+    unit_price_cents: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateOrderBody {
+    #[serde(default)]
+    order_id: Option<String>,
+    customer_id: String,
+    lines: Vec<LineBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyBody {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestockBody {
+    quantity: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DepositBody {
+    amount_cents: i64,
+}
+
+fn out_of_range(err: ValueError) -> ApiError {
+    match err {
+        ValueError::InvalidId { .. } => ApiError::malformed(err.to_string()),
+        ValueError::OutOfRange { .. } => ApiError::rule_violation(err.rule(), err.to_string()),
+    }
+}
+
+impl LineBody {
+    fn into_line(self) -> Result<OrderLine, ApiError> {
+        Ok(OrderLine {
+            sku: Sku::new(self.sku).map_err(out_of_range)?,
+            quantity: Quantity::line(self.quantity).map_err(out_of_range)?,
+            unit_price_cents: Cents::unit_price(self.unit_price_cents).map_err(out_of_range)?,
+        })
+    }
+}
+
+/// Reads the body twice over: as `Value` (the idempotency fingerprint) and as `T`.
+async fn read<T: serde::de::DeserializeOwned>(parts: &Parts, body: Body, optional: bool) -> Result<(T, Value), ApiError> {
+    let value: Value = json_body(&parts.headers, body, optional).await?;
+    let typed = serde_json::from_value(value.clone())
+        .map_err(|e| ApiError::malformed(format!("the request body is not valid: {e}")))?;
+    Ok((typed, value))
+}
+
+async fn create_order(State(api): State<CommandApi>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let result = async {
+        let (body, raw) = read::<CreateOrderBody>(&parts, body, false).await?;
+        let command_id = Uuid::new_v4();
+        let order_id = match &body.order_id {
+            Some(id) => parse_order_id(id)?,
+            // Derived from the command id, so a retry with the same Idempotency-Key names
+            // the same order (and lands on the same partition).
+            None => OrderId(command_id),
+        };
+        let customer_id = CustomerId::new(body.customer_id).map_err(out_of_range)?;
+        let lines = body.lines.into_iter().map(LineBody::into_line).collect::<Result<_, _>>()?;
+        let command = OrderCommand::CreateOrder { order_id, customer_id, lines };
+        Ok::<_, ApiError>((order_id.to_string(), command, raw, body.order_id.is_none().then_some(command_id)))
+    }
+    .await;
+    match result {
+        Ok((id, command, raw, derived)) => api.submit::<Order>(&parts, id, &command, &raw, derived).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn add_line(State(api): State<CommandApi>, Path(order_id): Path<String>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let result = async {
+        let id = parse_order_id(&order_id)?;
+        let (body, raw) = read::<LineBody>(&parts, body, false).await?;
+        Ok::<_, ApiError>((id, OrderCommand::AddLine(body.into_line()?), raw))
+    }
+    .await;
+    api.respond::<Order>(&parts, result).await
+}
+
+async fn remove_line(State(api): State<CommandApi>, Path((order_id, sku)): Path<(String, String)>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let result = async {
+        let id = parse_order_id(&order_id)?;
+        let sku = parse_sku(&sku)?;
+        let (_, raw) = read::<EmptyBody>(&parts, body, true).await?;
+        Ok::<_, ApiError>((id, OrderCommand::RemoveLine { sku }, raw))
+    }
+    .await;
+    api.respond::<Order>(&parts, result).await
+}
+
+async fn place_order(State(api): State<CommandApi>, Path(order_id): Path<String>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let result = async {
+        let id = parse_order_id(&order_id)?;
+        let (_, raw) = read::<EmptyBody>(&parts, body, true).await?;
+        Ok::<_, ApiError>((id, OrderCommand::PlaceOrder, raw))
+    }
+    .await;
+    api.respond::<Order>(&parts, result).await
+}
+
+async fn cancel_order(State(api): State<CommandApi>, Path(order_id): Path<String>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let result = async {
+        let id = parse_order_id(&order_id)?;
+        let (body, raw) = read::<CancelBody>(&parts, body, false).await?;
+        Ok::<_, ApiError>((id, OrderCommand::CancelOrder { reason: body.reason }, raw))
+    }
+    .await;
+    api.respond::<Order>(&parts, result).await
+}
+
+async fn restock(State(api): State<CommandApi>, Path(sku): Path<String>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let result = async {
+        let sku = parse_sku(&sku)?;
+        let (body, raw) = read::<RestockBody>(&parts, body, false).await?;
+        let quantity = Quantity::restock(body.quantity).map_err(out_of_range)?;
+        Ok::<_, ApiError>((sku.to_string(), InventoryCommand::Restock { sku, quantity }, raw))
+    }
+    .await;
+    match result {
+        Ok((id, command, raw)) => api.submit::<Inventory>(&parts, id, &command, &raw, None).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn deposit(State(api): State<CommandApi>, Path(customer_id): Path<String>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let result = async {
+        let customer_id = parse_customer_id(&customer_id)?;
+        let (body, raw) = read::<DepositBody>(&parts, body, false).await?;
+        let amount_cents = Cents::deposit(body.amount_cents).map_err(out_of_range)?;
+        Ok::<_, ApiError>((customer_id.to_string(), PaymentCommand::Deposit { customer_id, amount_cents }, raw))
+    }
+    .await;
+    match result {
+        Ok((id, command, raw)) => api.submit::<PaymentAccount>(&parts, id, &command, &raw, None).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+impl CommandApi {
+    async fn respond<A: CommandStream>(&self, parts: &Parts, parsed: Result<(OrderId, A::Command, Value), ApiError>) -> Response {
+        match parsed {
+            Ok((id, command, raw)) => self.submit::<A>(parts, id.to_string(), &command, &raw, None).await,
+            Err(e) => e.into_response(),
+        }
+    }
+
+    /// Checks the headers, claims the Idempotency-Key, sends the command and answers with
+    /// its outcome. `command_id` is given when the aggregate id was derived from it.
+    async fn submit<A: CommandStream>(
+        &self,
+        parts: &Parts,
+        aggregate_id: String,
+        command: &A::Command,
+        raw_body: &Value,
+        command_id: Option<Uuid>,
+    ) -> Response {
+        match self.try_submit::<A>(parts, aggregate_id, command, raw_body, command_id).await {
+            Ok(result) => answer(&result),
+            Err(e) => e.into_response(),
+        }
+    }
+
+    async fn try_submit<A: CommandStream>(
+        &self,
+        parts: &Parts,
+        mut aggregate_id: String,
+        command: &A::Command,
+        raw_body: &Value,
+        command_id: Option<Uuid>,
+    ) -> Result<CommandResult, ApiError> {
+        let expected_version = if_match(&parts.headers)?;
+        let key = idempotency_key(&parts.headers)?;
+        let mut command = serde_json::to_value(command).map_err(ApiError::internal)?;
+        let mut command_id = command_id.unwrap_or_else(Uuid::new_v4);
+        if let Some(key) = &key {
+            let fingerprint = format!("{} {} {}", parts.method, parts.uri.path(), canonical(raw_body));
+            match idempotency::claim(&self.pool, key, &fingerprint).await.map_err(ApiError::internal)? {
+                Claim::Reused => {
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "idempotency_key_reused",
+                        "this Idempotency-Key was used for another request; use a new key",
+                    ))
+                }
+                Claim::Repeat { answer: Some(answer), .. } => return Ok(answer),
+                Claim::Repeat { command_id: first, .. } | Claim::New(first) => {
+                    if first != command_id && aggregate_id == OrderId(command_id).to_string() {
+                        // A creation whose order id derives from the command id: keep them in step.
+                        aggregate_id = OrderId(first).to_string();
+                        command["CreateOrder"]["order_id"] = json!(aggregate_id);
+                    }
+                    command_id = first;
+                }
+            }
+        }
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let envelope = CommandEnvelope {
+            command_id,
+            aggregate_id,
+            command,
+            expected_version,
+            idempotent: key.is_some(),
+            correlation_id: header("x-correlation-id"),
+            traceparent: header("traceparent"),
+            actor: None,
+        };
+        let result = match self.bus.dispatch(A::STREAM, &envelope).await {
+            Ok(result) => result,
+            Err(DispatchError::Timeout(after)) => return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "command_timeout",
+                format!(
+                    "no outcome within {after:?}: the command may or may not have been applied. Retrying with \
+                     the same Idempotency-Key is safe: you get the first outcome and nothing is applied twice"
+                ),
+            )
+            .with_details(json!({ "command_id": command_id }))),
+            Err(DispatchError::Kafka(e)) => return Err(ApiError::not_ready(format!("the command log is not reachable ({e}); nothing was applied, retry later"))),
+        };
+        if let Some(key) = &key {
+            idempotency::record(&self.pool, key, &result).await.map_err(ApiError::internal)?;
+        }
+        Ok(result)
+    }
+}
+
+fn answer(result: &CommandResult) -> Response {
+    let status = StatusCode::from_u16(result.status).unwrap_or(StatusCode::OK);
+    (status, Json(result.body.clone())).into_response()
+}
+
+/// `If-Match: 3` or `If-Match: "3"`.
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get("if-match") else { return Ok(None) };
+    let text = value.to_str().unwrap_or_default().trim();
+    let bare = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(text);
+    bare.parse()
+        .map(Some)
+        .map_err(|_| ApiError::malformed(format!("If-Match must be a version number, bare or quoted; got {text:?}")))
+}
+
+/// `Idempotency-Key`: 1..=128 printable ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > 128 || !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
+        return Err(ApiError::malformed("Idempotency-Key must be 1 to 128 printable ASCII characters"));
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// JSON with object keys sorted at every level, so equal bodies compare equal.
+fn canonical(value: &Value) -> String {
+    fn sort(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => {
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                Value::Object(entries.into_iter().map(|(k, v)| (k.clone(), sort(v))).collect())
+            }
+            Value::Array(items) => Value::Array(items.iter().map(sort).collect()),
+            other => other.clone(),
+        }
+    }
+    sort(value).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(name: &'static str, value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn if_match_takes_bare_or_quoted_numbers_only() {
+        assert_eq!(if_match(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(if_match(&headers("if-match", "3")).unwrap(), Some(3));
+        assert_eq!(if_match(&headers("if-match", "\"7\"")).unwrap(), Some(7));
+        assert!(if_match(&headers("if-match", "abc")).is_err());
+        assert!(if_match(&headers("if-match", "-1")).is_err());
+    }
+
+    #[test]
+    fn idempotency_keys_are_1_to_128_printable_ascii() {
+        assert_eq!(idempotency_key(&headers("idempotency-key", "k-1")).unwrap().as_deref(), Some("k-1"));
+        assert!(idempotency_key(&headers("idempotency-key", "")).is_err());
+        assert!(idempotency_key(&headers("idempotency-key", &"x".repeat(129))).is_err());
+        assert!(idempotency_key(&headers("idempotency-key", &"x".repeat(128))).is_ok());
+    }
+
+    #[test]
+    fn canonical_json_ignores_key_order() {
+        let a: Value = serde_json::from_str(r#"{"b":1,"a":{"y":2,"x":[{"q":1,"p":2}]}}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"a":{"x":[{"p":2,"q":1}],"y":2},"b":1}"#).unwrap();
+        assert_eq!(canonical(&a), canonical(&b));
+    }
+}

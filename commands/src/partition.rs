@@ -1,0 +1,309 @@
+//! One owned partition: fence older owners, rebuild its aggregates from the event log,
+//! then handle commands in batches, each batch ONE Kafka transaction of events, results
+//! and consumed offsets. In-memory state changes only after the commit.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::Utc;
+use cqrs_es::event_sink::EventSink;
+use eventlog::rdkafka::consumer::Consumer;
+use eventlog::rdkafka::error::KafkaError;
+use eventlog::rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use eventlog::rdkafka::{Offset, TopicPartitionList};
+use eventlog::{classify, read_partition, EventEnvelope, EventMetadata, TxnErrorKind, TxnProducer};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::processor::Shared;
+use crate::stream::{version_conflict, CommandStream};
+use crate::wire::{CommandEnvelope, CommandResult, ConsistencyToken, Position};
+
+/// Most commands in one transaction.
+const MAX_BATCH: usize = 1_000;
+/// Attempts at a batch whose transaction had to be aborted.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// One aggregate in memory, with its version (the sequence of its last event).
+#[derive(Clone, Default)]
+struct Slot<A> {
+    state: A,
+    version: u64,
+}
+
+/// Outcomes of commands sent with an Idempotency-Key, kept for the dedup window.
+#[derive(Default)]
+struct Seen {
+    results: HashMap<Uuid, CommandResult>,
+    order: VecDeque<(Instant, Uuid)>,
+}
+
+impl Seen {
+    fn insert(&mut self, result: CommandResult, window: Duration) {
+        let now = Instant::now();
+        while let Some((at, id)) = self.order.front() {
+            if now.duration_since(*at) < window {
+                break;
+            }
+            self.results.remove(id);
+            self.order.pop_front();
+        }
+        self.order.push_back((now, result.command_id));
+        self.results.insert(result.command_id, result);
+    }
+}
+
+/// A command outcome being built inside a transaction.
+struct Pending {
+    command_id: Uuid,
+    idempotent: bool,
+    outcome: Outcome,
+}
+
+enum Outcome {
+    Done(CommandResult),
+    /// Accepted: the body needs the offset of its last event, known after delivery.
+    Accepted { aggregate_id: String, version: u64, created: bool, last_event: usize },
+}
+
+pub(crate) struct PartitionWorker<A: CommandStream> {
+    shared: Arc<Shared>,
+    partition: i32,
+    producer: TxnProducer,
+    aggregates: HashMap<String, Slot<A>>,
+    seen: Seen,
+}
+
+impl<A: CommandStream> PartitionWorker<A> {
+    /// Fences the previous owner, rebuilds the partition's aggregates, then resumes the
+    /// command partition and serves it until the channel closes (partition revoked).
+    pub(crate) async fn run(
+        shared: Arc<Shared>,
+        partition: i32,
+        mut commands: mpsc::Receiver<OwnedMessage>,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let txn_id = format!("{}-{}-p{partition}", shared.kafka.topic_prefix, A::STREAM);
+        let producer = TxnProducer::new(&shared.kafka, &txn_id).await?;
+        let aggregates = rebuild::<A>(&shared, partition).await?;
+        info!(
+            stream = A::STREAM,
+            partition,
+            aggregates = aggregates.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "partition rebuilt; taking commands"
+        );
+        let mut worker = Self { shared, partition, producer, aggregates, seen: Seen::default() };
+        if let Err(e) = worker.shared.resume(partition) {
+            // Revoked while rebuilding: the closed channel below ends this worker.
+            warn!(stream = A::STREAM, partition, error = %e, "could not resume the partition");
+        }
+        worker.shared.rebuilding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+
+        while let Some(first) = commands.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match commands.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            worker.process(batch).await?;
+        }
+        debug!(stream = A::STREAM, partition, "partition released");
+        Ok(())
+    }
+
+    async fn process(&mut self, batch: Vec<OwnedMessage>) -> anyhow::Result<()> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.transact(&batch).await {
+                Ok((staged, results)) => {
+                    self.aggregates.extend(staged);
+                    for (result, idempotent) in results {
+                        self.shared.waiters.complete(&result);
+                        if idempotent {
+                            self.seen.insert(result, self.shared.dedup_window);
+                        }
+                    }
+                    self.shared.metrics.record_batch(batch.len());
+                    return Ok(());
+                }
+                Err(err) => {
+                    let kind = err.downcast_ref::<KafkaError>().map(classify).unwrap_or(TxnErrorKind::Fatal);
+                    if kind == TxnErrorKind::Fatal || attempt >= MAX_ATTEMPTS {
+                        return Err(err.context(format!(
+                            "{} partition {} gave up a batch of {} ({kind:?}); the processor restarts and rebuilds",
+                            A::STREAM,
+                            self.partition,
+                            batch.len()
+                        )));
+                    }
+                    warn!(stream = A::STREAM, partition = self.partition, attempt, error = %err, "transaction failed; aborting and retrying the batch");
+                    if let Err(abort) = self.producer.abort().await {
+                        if classify(&abort) == TxnErrorKind::Fatal {
+                            return Err(anyhow::Error::new(abort).context("aborting a failed transaction"));
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
+                }
+            }
+        }
+    }
+
+    /// Runs one batch in one transaction. Nothing in `self` changes here: the staged
+    /// aggregates and results are returned for the caller to apply after the commit.
+    #[allow(clippy::type_complexity)]
+    async fn transact(
+        &self,
+        batch: &[OwnedMessage],
+    ) -> anyhow::Result<(HashMap<String, Slot<A>>, Vec<(CommandResult, bool)>)> {
+        let topics = &self.shared.topics;
+        let events_topic = topics.events(A::STREAM);
+        self.producer.begin().await?;
+        let mut staged: HashMap<String, Slot<A>> = HashMap::new();
+        let mut pending = Vec::with_capacity(batch.len());
+        let mut event_sends = Vec::new();
+        let mut other_sends = Vec::new();
+        let now = Utc::now();
+
+        for message in batch {
+            let envelope: CommandEnvelope = match message.payload().map(serde_json::from_slice) {
+                Some(Ok(envelope)) => envelope,
+                other => {
+                    let error = match other {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "empty record".to_string(),
+                    };
+                    warn!(stream = A::STREAM, partition = self.partition, offset = message.offset(), %error, "undecodable command; dead-lettered");
+                    other_sends.push(self.dead_letter(message, &error)?);
+                    continue;
+                }
+            };
+            if let Some(previous) = self.seen.results.get(&envelope.command_id) {
+                pending.push(Pending { command_id: envelope.command_id, idempotent: false, outcome: Outcome::Done(previous.clone()) });
+                continue;
+            }
+            let id = envelope.aggregate_id.clone();
+            let slot = staged.get(&id).or_else(|| self.aggregates.get(&id)).cloned().unwrap_or_default();
+            let rejected = |error: api::ApiError| Outcome::Done(CommandResult {
+                command_id: envelope.command_id,
+                status: error.status.as_u16(),
+                body: error.body(),
+            });
+            let outcome = match (envelope.expected_version, serde_json::from_value::<A::Command>(envelope.command.clone())) {
+                (Some(expected), _) if expected != slot.version => rejected(version_conflict(expected, slot.version)),
+                (_, Err(e)) => rejected(api::ApiError::malformed(format!("not a {} command: {e}", A::STREAM))),
+                (_, Ok(command)) => {
+                    let mut state = slot.state.clone();
+                    let sink = EventSink::default();
+                    match state.handle(command, &(), &sink).await {
+                        Err(e) => rejected(A::rejection(&e)),
+                        Ok(()) => {
+                            let events = sink.collect().await;
+                            let metadata = EventMetadata {
+                                command_id: Some(envelope.command_id.to_string()),
+                                correlation_id: envelope.correlation_id.clone(),
+                                causation_id: Some(envelope.command_id.to_string()),
+                                actor: envelope.actor.clone(),
+                                traceparent: envelope.traceparent.clone(),
+                            };
+                            let mut version = slot.version;
+                            for event in &events {
+                                version += 1;
+                                let record = EventEnvelope::wrap::<A>(&id, version, event, metadata.clone(), now)?;
+                                let payload = serde_json::to_vec(&record)?;
+                                event_sends.push(self.producer.send(&events_topic, self.partition, &id, &payload, record.kafka_headers())?);
+                            }
+                            staged.insert(id.clone(), Slot { state, version });
+                            Outcome::Accepted {
+                                aggregate_id: id.clone(),
+                                version,
+                                created: slot.version == 0,
+                                last_event: event_sends.len().saturating_sub(1),
+                            }
+                        }
+                    }
+                }
+            };
+            pending.push(Pending { command_id: envelope.command_id, idempotent: envelope.idempotent, outcome });
+        }
+
+        // Results carry the events' offsets (the consistency token), so the events'
+        // deliveries are awaited first; all of it still commits or aborts as one.
+        let mut offsets = Vec::with_capacity(event_sends.len());
+        for send in event_sends {
+            match send.await {
+                Ok(Ok(delivery)) => offsets.push(delivery.offset),
+                Ok(Err((err, _))) => return Err(err.into()),
+                Err(_) => return Err(KafkaError::Canceled.into()),
+            }
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for p in pending {
+            let result = match p.outcome {
+                Outcome::Done(result) => result,
+                Outcome::Accepted { aggregate_id, version, created, last_event } => {
+                    let token = ConsistencyToken {
+                        stream: A::STREAM.to_string(),
+                        positions: vec![Position { partition: self.partition, offset: offsets[last_event] }],
+                    };
+                    CommandResult {
+                        command_id: p.command_id,
+                        status: if created { 201 } else { 200 },
+                        body: json!({ "aggregate_id": aggregate_id, "version": version, "consistency_token": token.encode() }),
+                    }
+                }
+            };
+            let payload = serde_json::to_vec(&result)?;
+            let key = result.command_id.to_string();
+            other_sends.push(self.producer.send(&topics.command_results(), self.partition, &key, &payload, OwnedHeaders::new())?);
+            results.push((result, p.idempotent));
+        }
+
+        let last = batch.iter().map(|m| m.offset()).max().context("empty batch")?;
+        let mut consumed = TopicPartitionList::new();
+        consumed.add_partition_offset(&topics.commands(A::STREAM), self.partition, Offset::Offset(last + 1))?;
+        let group = self.shared.consumer.group_metadata().context("no consumer group metadata")?;
+        self.producer.send_offsets(consumed, group).await?;
+        self.producer.commit(other_sends).await?;
+        Ok((staged, results))
+    }
+
+    fn dead_letter(&self, message: &OwnedMessage, error: &str) -> anyhow::Result<eventlog::rdkafka::producer::DeliveryFuture> {
+        let source = format!("{}/{}/{}", message.topic(), message.partition(), message.offset());
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "tally-dlq-error", value: Some(error) })
+            .insert(Header { key: "tally-dlq-source", value: Some(source.as_str()) });
+        let key = message.key().map(String::from_utf8_lossy).unwrap_or_default();
+        Ok(self.producer.send(&self.shared.topics.dead_letters(), 0, &key, message.payload().unwrap_or_default(), headers)?)
+    }
+}
+
+/// Folds every committed event of the partition into its aggregates.
+async fn rebuild<A: CommandStream>(shared: &Shared, partition: i32) -> anyhow::Result<HashMap<String, Slot<A>>> {
+    let mut aggregates: HashMap<String, Slot<A>> = HashMap::new();
+    let topic = shared.topics.events(A::STREAM);
+    read_partition(&shared.kafka, &topic, partition, 0, |message| {
+        let envelope: EventEnvelope = serde_json::from_slice(message.payload().unwrap_or_default())
+            .with_context(|| format!("event at {topic}/{partition}/{} is not an envelope", message.offset()))?;
+        let event = envelope
+            .decode::<A::Event>()
+            .with_context(|| format!("event {} at offset {} does not decode", envelope.event_type, message.offset()))?;
+        let slot = aggregates.entry(envelope.aggregate_id).or_default();
+        if envelope.sequence != slot.version + 1 {
+            bail!("sequence gap in {topic}/{partition}: {} after {}", envelope.sequence, slot.version);
+        }
+        slot.state.apply(event);
+        slot.version = envelope.sequence;
+        Ok(())
+    })
+    .await
+    .with_context(|| format!("rebuilding {topic}/{partition}"))?;
+    Ok(aggregates)
+}

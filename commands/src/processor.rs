@@ -1,0 +1,201 @@
+//! The command processor of one aggregate type: a member of the consumer group of its
+//! command topic. Each partition it is given gets a [`PartitionWorker`] of its own; the
+//! rebalance callbacks only pause partitions and pass the news on — all catch-up work
+//! happens in the workers, off the callback.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use eventlog::rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use eventlog::rdkafka::message::OwnedMessage;
+use eventlog::rdkafka::{ClientContext, Message, TopicPartitionList};
+use eventlog::{KafkaConfig, Topics};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::metrics::Metrics;
+use crate::partition::PartitionWorker;
+use crate::stream::CommandStream;
+use crate::waiters::Waiters;
+
+/// Commands buffered per partition before the consumer waits.
+const PARTITION_BUFFER: usize = 4_096;
+
+/// Settings of the command processors.
+#[derive(Clone)]
+pub struct ProcessorConfig {
+    pub kafka: KafkaConfig,
+    /// How long outcomes of commands with an Idempotency-Key stay in memory.
+    pub dedup_window: Duration,
+}
+
+/// What the partition workers of one processor share.
+pub(crate) struct Shared {
+    pub kafka: KafkaConfig,
+    pub topics: Topics,
+    pub consumer: StreamConsumer<Rebalances>,
+    pub waiters: Waiters,
+    pub dedup_window: Duration,
+    pub metrics: Metrics,
+    /// Partitions assigned but not yet rebuilt (readiness waits for 0).
+    pub rebuilding: Arc<AtomicUsize>,
+    stream: &'static str,
+}
+
+impl Shared {
+    pub(crate) fn resume(&self, partition: i32) -> anyhow::Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topics.commands(self.stream), partition);
+        self.consumer.resume(&tpl).context("resuming the command partition")
+    }
+}
+
+enum Change {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+/// Consumer context that pauses newly assigned partitions (until their worker has
+/// rebuilt them) and reports every change to the processor loop.
+pub(crate) struct Rebalances {
+    changes: mpsc::UnboundedSender<Change>,
+}
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let _ = self.changes.send(Change::Revoked(partitions(tpl)));
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            if tpl.count() > 0 {
+                if let Err(e) = consumer.pause(tpl) {
+                    error!(error = %e, "pausing newly assigned partitions failed");
+                }
+                let _ = self.changes.send(Change::Assigned(partitions(tpl)));
+            }
+        }
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements().iter().map(|e| e.partition()).collect()
+}
+
+/// Handles for the caller: readiness and metrics of a running processor.
+#[derive(Clone, Default)]
+pub struct ProcessorStatus {
+    /// Partitions assigned but not yet rebuilt, over all processors.
+    pub rebuilding: Arc<AtomicUsize>,
+    pub metrics: Metrics,
+}
+
+/// Runs the processor of aggregate type `A` until `shutdown`, or until a partition hits a
+/// fatal error (e.g. fenced), which ends it with that error so the caller can restart it.
+pub async fn run<A: CommandStream>(
+    config: ProcessorConfig,
+    waiters: Waiters,
+    status: ProcessorStatus,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let topics = Topics::new(&config.kafka.topic_prefix);
+    let (changes_tx, mut changes) = mpsc::unbounded_channel();
+    let consumer: StreamConsumer<Rebalances> = config
+        .kafka
+        .client()
+        .set("group.id", format!("{}.{}.processor", config.kafka.topic_prefix, A::STREAM))
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "5")
+        .create_with_context(Rebalances { changes: changes_tx })
+        .context("creating the command consumer")?;
+    consumer.subscribe(&[&topics.commands(A::STREAM)]).context("subscribing to the command topic")?;
+    let shared = Arc::new(Shared {
+        kafka: config.kafka.clone(),
+        topics,
+        consumer,
+        waiters,
+        dedup_window: config.dedup_window,
+        metrics: status.metrics.clone(),
+        rebuilding: status.rebuilding.clone(),
+        stream: A::STREAM,
+    });
+    info!(stream = A::STREAM, "command processor started");
+
+    let mut workers: HashMap<i32, mpsc::Sender<OwnedMessage>> = HashMap::new();
+    let mut tasks: JoinSet<(i32, anyhow::Result<()>)> = JoinSet::new();
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            Some(change) = changes.recv() => apply::<A>(change, &shared, &mut workers, &mut tasks),
+            Some(done) = tasks.join_next() => match done {
+                Ok((p, Err(e))) => break Err(e.context(format!("partition {p} worker failed"))),
+                Ok((_, Ok(()))) => {}
+                Err(join) => break Err(anyhow!("a partition worker panicked: {join}")),
+            },
+            message = shared.consumer.recv() => {
+                // Apply any rebalance the poll just ran, so the partition's worker exists.
+                while let Ok(change) = changes.try_recv() {
+                    apply::<A>(change, &shared, &mut workers, &mut tasks);
+                }
+                let message = match message {
+                    Ok(m) => m.detach(),
+                    Err(e) => { error!(stream = A::STREAM, error = %e, "consumer error"); continue; }
+                };
+                let partition = message.partition();
+                match workers.get(&partition) {
+                    Some(worker) => if worker.send(message).await.is_err() {
+                        break Err(anyhow!("partition {partition} worker stopped"));
+                    },
+                    None => break Err(anyhow!("a command for partition {partition}, which has no worker")),
+                }
+            }
+        }
+    };
+    drop(workers);
+    // Workers finish their current transaction; whatever is left is fenced by the next owner.
+    tasks.shutdown().await;
+    shared.rebuilding.store(0, Ordering::SeqCst);
+    shared.consumer.unsubscribe();
+    result
+}
+
+fn apply<A: CommandStream>(
+    change: Change,
+    shared: &Arc<Shared>,
+    workers: &mut HashMap<i32, mpsc::Sender<OwnedMessage>>,
+    tasks: &mut JoinSet<(i32, anyhow::Result<()>)>,
+) {
+    match change {
+        Change::Assigned(partitions) => {
+            info!(stream = A::STREAM, ?partitions, "partitions assigned");
+            for p in partitions {
+                let (tx, rx) = mpsc::channel(PARTITION_BUFFER);
+                workers.insert(p, tx);
+                shared.rebuilding.fetch_add(1, Ordering::SeqCst);
+                let shared = shared.clone();
+                tasks.spawn(async move { (p, PartitionWorker::<A>::run(shared, p, rx).await) });
+            }
+        }
+        Change::Revoked(partitions) => {
+            info!(stream = A::STREAM, ?partitions, "partitions revoked");
+            for p in partitions {
+                workers.remove(&p);
+            }
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! What the write side needs to know of each aggregate type beyond cqrs-es: its stream
+//! name (topic names) and how its refusals map to HTTP answers.
+
+use aggregates::{Inventory, InventoryError, Order, OrderError, PaymentAccount, PaymentError};
+use api::ApiError;
+use axum::http::StatusCode;
+use cqrs_es::Aggregate;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// An aggregate type the command processor can serve.
+pub trait CommandStream:
+    Aggregate<Services = (), Command: DeserializeOwned + Serialize + Send, Event: Send, Error: Send + Sync>
+    + Clone
+    + 'static
+{
+    /// The stream name in topic names: `<prefix>.<STREAM>.commands` / `.events`.
+    const STREAM: &'static str;
+
+    /// The HTTP answer for a command this aggregate refused.
+    fn rejection(err: &Self::Error) -> ApiError;
+}
+
+fn rule(rule: &str, err: &impl std::fmt::Display) -> ApiError {
+    ApiError::rule_violation(rule, err.to_string())
+}
+
+impl CommandStream for Order {
+    const STREAM: &'static str = "order";
+
+    fn rejection(err: &OrderError) -> ApiError {
+        if err.is_not_found() {
+            ApiError::not_found(err.to_string())
+        } else {
+            rule(err.rule(), err)
+        }
+    }
+}
+
+impl CommandStream for Inventory {
+    const STREAM: &'static str = "inventory";
+
+    fn rejection(err: &InventoryError) -> ApiError {
+        rule(err.rule(), err)
+    }
+}
+
+impl CommandStream for PaymentAccount {
+    const STREAM: &'static str = "payment";
+
+    fn rejection(err: &PaymentError) -> ApiError {
+        rule(err.rule(), err)
+    }
+}
+
+/// The HTTP answer `If-Match` gets when the aggregate is at another version.
+pub fn version_conflict(expected: u64, current: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "version_conflict",
+        format!("If-Match was {expected} but the aggregate is at version {current}; read it again and retry"),
+    )
+    .with_details(serde_json::json!({ "current_version": current, "expected_version": expected }))
+}

@@ -1,0 +1,127 @@
+//! A `TestApp`: the whole app in-process on port 0 against the real Kafka and PostgreSQL,
+//! with a topic prefix of its own, and typed helpers to talk to it and read its log.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use eventlog::rdkafka::Message;
+use eventlog::{read_partition, EventEnvelope, KafkaConfig, Topics};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tally::config::{Cli, Command, CommonArgs, RunArgs};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A fresh topic prefix: tests never see each other's records.
+pub fn new_prefix() -> String {
+    format!("test-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Settings from the environment scripts/test exports, for `prefix`.
+pub fn args(prefix: &str, partitions: u32, roles: &str) -> (CommonArgs, RunArgs) {
+    assert!(
+        std::env::var_os("TALLY_KAFKA_BROKERS").is_some() && std::env::var_os("DATABASE_URL").is_some(),
+        "TALLY_KAFKA_BROKERS and DATABASE_URL must point at running services (scripts/test sets them)"
+    );
+    let partitions = partitions.to_string();
+    let cli = Cli::try_parse_from([
+        "tally", "serve", "--topic-prefix", prefix, "--partitions", &partitions, "--roles", roles, "--command-timeout-secs", "20",
+    ])
+    .unwrap();
+    let Command::Serve(serve) = cli.command else { unreachable!("parsed serve") };
+    (serve.common, serve.run)
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub kafka: KafkaConfig,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestApp {
+    /// Starts every role, and waits until it is ready.
+    pub async fn start(prefix: &str) -> Self {
+        Self::start_with(prefix, 2, "api,commands").await
+    }
+
+    pub async fn start_with(prefix: &str, partitions: u32, roles: &str) -> Self {
+        let filter = std::env::var("TALLY_LOG").unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        let (common, run) = args(prefix, partitions, roles);
+        let state = tally::prepare(&common).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(tally::run(Some(listener), state, run, shutdown.clone()));
+        let app = Self { addr, kafka: common.kafka(), http: reqwest::Client::new(), shutdown, task };
+        app.wait_ready().await;
+        app
+    }
+
+    /// Polls `/readyz` until 200 (partitions rebuilt), with a deadline.
+    pub async fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let ready = self.http.get(self.url("/readyz")).send().await.map(|r| r.status() == 200).unwrap_or(false);
+            if ready {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "app not ready within 60s");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// POSTs JSON with extra headers; answers status and JSON body.
+    pub async fn post(&self, path: &str, body: Value, headers: &[(&str, &str)]) -> (StatusCode, Value) {
+        let mut request = self.http.post(self.url(path)).json(&body);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Stops the app gracefully and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Every committed event of `stream`, over all partitions.
+pub async fn events(kafka: &KafkaConfig, stream: &str) -> Vec<EventEnvelope> {
+    let topic = Topics::new(&kafka.topic_prefix).events(stream);
+    let mut all = Vec::new();
+    for partition in 0..kafka.partitions {
+        read_partition(kafka, &topic, partition, 0, |m| {
+            all.push(serde_json::from_slice(m.payload().unwrap())?);
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+    all
+}
+
+/// The committed events of one aggregate, by sequence.
+pub async fn events_of(kafka: &KafkaConfig, stream: &str, aggregate_id: &str) -> Vec<EventEnvelope> {
+    let mut found: Vec<_> = events(kafka, stream).await.into_iter().filter(|e| e.aggregate_id == aggregate_id).collect();
+    found.sort_by_key(|e| e.sequence);
+    found
+}
+
+pub fn order_body(customer: &str, lines: &[(&str, i64, i64)]) -> Value {
+    let lines: Vec<Value> = lines
+        .iter()
+        .map(|(sku, q, p)| serde_json::json!({ "sku": sku, "quantity": q, "unit_price_cents": p }))
+        .collect();
+    serde_json::json!({ "customer_id": customer, "lines": lines })
+}
