@@ -78,7 +78,13 @@ pub struct ServeArgs {
 pub struct RunArgs {
     /// Roles this process plays, comma-separated: `api` serves HTTP, `commands` runs the
     /// command processors. More processes with `commands` split the partitions.
-    #[arg(long, env = "TALLY_ROLES", value_enum, value_delimiter = ',', default_value = "api,commands")]
+    #[arg(
+        long,
+        env = "TALLY_ROLES",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "api,commands"
+    )]
     pub roles: Vec<Role>,
     /// How long a command request waits for its outcome before answering 503, in seconds.
     #[arg(long, env = "TALLY_COMMAND_TIMEOUT_SECS", default_value_t = 10)]

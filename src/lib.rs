@@ -27,7 +27,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 use tracing::{error, info, warn};
 
@@ -54,8 +56,15 @@ pub async fn prepare(common: &CommonArgs) -> anyhow::Result<AppState> {
     let kafka = common.kafka();
     let deadline = Instant::now() + common.startup_timeout();
 
-    retry_until(deadline, "Kafka", || eventlog::check_connection(&kafka, Duration::from_secs(3))).await?;
-    ensure_topics(&kafka, &Topics::new(&kafka.topic_prefix).all(&STREAMS, &kafka)).await?;
+    retry_until(deadline, "Kafka", || {
+        eventlog::check_connection(&kafka, Duration::from_secs(3))
+    })
+    .await?;
+    ensure_topics(
+        &kafka,
+        &Topics::new(&kafka.topic_prefix).all(&STREAMS, &kafka),
+    )
+    .await?;
     info!(brokers = %kafka.brokers, prefix = %kafka.topic_prefix, partitions = kafka.partitions, "kafka ready, topics in place");
 
     let options = common
@@ -69,9 +78,20 @@ pub async fn prepare(common: &CommonArgs) -> anyhow::Result<AppState> {
     projections::migrate(&pool).await?;
     info!("postgres ready, migrations applied");
 
-    let probe = kafka.client().create().context("creating the readiness Kafka client")?;
-    let readiness = Readiness { kafka: Arc::new(probe), pool: pool.clone(), processors: Vec::new() };
-    Ok(AppState { kafka, pool, readiness })
+    let probe = kafka
+        .client()
+        .create()
+        .context("creating the readiness Kafka client")?;
+    let readiness = Readiness {
+        kafka: Arc::new(probe),
+        pool: pool.clone(),
+        processors: Vec::new(),
+    };
+    Ok(AppState {
+        kafka,
+        pool,
+        readiness,
+    })
 }
 
 async fn retry_until<T, F, Fut>(deadline: Instant, what: &str, mut attempt: F) -> anyhow::Result<T>
@@ -86,7 +106,11 @@ where
                 warn!(error = %format!("{err:#}"), "{what} not reachable yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            Err(err) => return Err(err.context(format!("{what} still unreachable at the start-up deadline"))),
+            Err(err) => {
+                return Err(
+                    err.context(format!("{what} still unreachable at the start-up deadline"))
+                )
+            }
         }
     }
 }
@@ -107,17 +131,30 @@ pub async fn run(
             kafka: state.kafka.clone(),
             dedup_window: Duration::from_secs(settings.dedup_window_secs),
         };
-        statuses.push(spawn_processor::<Order>(&mut tasks, &config, &waiters, &shutdown));
-        statuses.push(spawn_processor::<Inventory>(&mut tasks, &config, &waiters, &shutdown));
-        statuses.push(spawn_processor::<PaymentAccount>(&mut tasks, &config, &waiters, &shutdown));
+        statuses.push(spawn_processor::<Order>(
+            &mut tasks, &config, &waiters, &shutdown,
+        ));
+        statuses.push(spawn_processor::<Inventory>(
+            &mut tasks, &config, &waiters, &shutdown,
+        ));
+        statuses.push(spawn_processor::<PaymentAccount>(
+            &mut tasks, &config, &waiters, &shutdown,
+        ));
     }
     state.readiness.processors = statuses.clone();
 
     if settings.roles.contains(&Role::Api) {
         let listener = listener.context("the api role needs a listener")?;
         commands::start_results_listener(&state.kafka, waiters.clone(), shutdown.clone()).await?;
-        let bus = CommandBus::new(&state.kafka, waiters, Duration::from_secs(settings.command_timeout_secs))?;
-        let commands = commands::http::CommandApi { bus, pool: state.pool.clone() };
+        let bus = CommandBus::new(
+            &state.kafka,
+            waiters,
+            Duration::from_secs(settings.command_timeout_secs),
+        )?;
+        let commands = commands::http::CommandApi {
+            bus,
+            pool: state.pool.clone(),
+        };
         let app = router(state, statuses, commands);
         info!(addr = %listener.local_addr()?, roles = ?settings.roles, "serving the HTTP API");
         let stop = shutdown.clone();
@@ -141,7 +178,12 @@ fn spawn_processor<A: CommandStream>(
     shutdown: &CancellationToken,
 ) -> (&'static str, ProcessorStatus) {
     let status = ProcessorStatus::default();
-    let (config, waiters, shutdown, handle) = (config.clone(), waiters.clone(), shutdown.clone(), status.clone());
+    let (config, waiters, shutdown, handle) = (
+        config.clone(),
+        waiters.clone(),
+        shutdown.clone(),
+        status.clone(),
+    );
     tasks.spawn(async move {
         loop {
             let result = processor::run::<A>(config.clone(), waiters.clone(), handle.clone(), shutdown.clone()).await;
@@ -162,7 +204,11 @@ fn spawn_processor<A: CommandStream>(
 
 /// The HTTP API: every route, the correlation id in and out, request tracing, and the
 /// API.md error shape for unknown routes.
-pub fn router(state: AppState, processors: Vec<(&'static str, ProcessorStatus)>, commands: commands::http::CommandApi) -> Router {
+pub fn router(
+    state: AppState,
+    processors: Vec<(&'static str, ProcessorStatus)>,
+    commands: commands::http::CommandApi,
+) -> Router {
     Router::new()
         .route("/healthz", get(readiness::healthz))
         .route("/readyz", get(readiness::readyz).with_state(state.readiness.clone()))

@@ -8,14 +8,44 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use commands::ProcessorStatus;
 
+/// A metric family: name, type, help, and how to read it from a processor's status.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ProcessorStatus) -> u64,
+);
+
 /// `GET /metrics`.
-pub async fn metrics(State(processors): State<Vec<(&'static str, ProcessorStatus)>>) -> impl IntoResponse {
+pub async fn metrics(
+    State(processors): State<Vec<(&'static str, ProcessorStatus)>>,
+) -> impl IntoResponse {
     let mut out = String::new();
-    let families: [(&str, &str, &str, fn(&ProcessorStatus) -> u64); 4] = [
-        ("tally_command_transactions_total", "counter", "Kafka transactions committed by the command processors.", |s| s.metrics.transactions()),
-        ("tally_commands_total", "counter", "Commands handled in committed transactions.", |s| s.metrics.commands()),
-        ("tally_command_batch_max", "gauge", "Most commands one transaction carried.", |s| s.metrics.largest_batch()),
-        ("tally_partitions_rebuilding", "gauge", "Owned partitions still being rebuilt from the log.", |s| s.rebuilding.load(Ordering::Relaxed) as u64),
+    let families: [Family; 4] = [
+        (
+            "tally_command_transactions_total",
+            "counter",
+            "Kafka transactions committed by the command processors.",
+            |s| s.metrics.transactions(),
+        ),
+        (
+            "tally_commands_total",
+            "counter",
+            "Commands handled in committed transactions.",
+            |s| s.metrics.commands(),
+        ),
+        (
+            "tally_command_batch_max",
+            "gauge",
+            "Most commands one transaction carried.",
+            |s| s.metrics.largest_batch(),
+        ),
+        (
+            "tally_partitions_rebuilding",
+            "gauge",
+            "Owned partitions still being rebuilt from the log.",
+            |s| s.rebuilding.load(Ordering::Relaxed) as u64,
+        ),
     ];
     for (name, kind, help, read) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -36,8 +36,16 @@ pub async fn readyz(State(ready): State<Readiness>) -> Result<Json<Value>, ApiEr
         check_kafka(ready.kafka.clone()),
         check_postgres(&ready.pool)
     );
-    let rebuilding: usize = ready.processors.iter().map(|(_, s)| s.rebuilding.load(Ordering::Relaxed)).sum();
-    let partitions = if rebuilding == 0 { Ok(()) } else { Err(format!("{rebuilding} owned partitions still rebuilding")) };
+    let rebuilding: usize = ready
+        .processors
+        .iter()
+        .map(|(_, s)| s.rebuilding.load(Ordering::Relaxed))
+        .sum();
+    let partitions = if rebuilding == 0 {
+        Ok(())
+    } else {
+        Err(format!("{rebuilding} owned partitions still rebuilding"))
+    };
     let checks = json!({
         "kafka": describe(&kafka),
         "postgres": describe(&postgres),

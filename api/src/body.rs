@@ -28,14 +28,16 @@ pub async fn json_body<T: DeserializeOwned>(
     body: Body,
     optional: bool,
 ) -> Result<T, ApiError> {
-    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the request body is over {MAX_BODY_BYTES} bytes"),
-        )
-        .with_details(json!({ "max_bytes": MAX_BODY_BYTES }))
-    })?;
+    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the request body is over {MAX_BODY_BYTES} bytes"),
+            )
+            .with_details(json!({ "max_bytes": MAX_BODY_BYTES }))
+        })?;
     if optional && bytes.iter().all(u8::is_ascii_whitespace) {
         return serde_json::from_str("{}").map_err(|e| malformed(&e));
     }
@@ -55,15 +57,21 @@ fn malformed(err: &serde_json::Error) -> ApiError {
 
 /// Parses an `order_id` path segment (a UUID).
 pub fn parse_order_id(s: &str) -> Result<OrderId, ApiError> {
-    OrderId::parse(s).map_err(|_| ApiError::malformed(format!("order_id {s:?} is not a UUID")).with_details(json!({ "field": "order_id" })))
+    OrderId::parse(s).map_err(|_| {
+        ApiError::malformed(format!("order_id {s:?} is not a UUID"))
+            .with_details(json!({ "field": "order_id" }))
+    })
 }
 
 /// Parses a `sku` path segment.
 pub fn parse_sku(s: &str) -> Result<Sku, ApiError> {
-    Sku::new(s).map_err(|e| ApiError::malformed(e.to_string()).with_details(json!({ "field": "sku" })))
+    Sku::new(s)
+        .map_err(|e| ApiError::malformed(e.to_string()).with_details(json!({ "field": "sku" })))
 }
 
 /// Parses a `customer_id` path segment.
 pub fn parse_customer_id(s: &str) -> Result<CustomerId, ApiError> {
-    CustomerId::new(s).map_err(|e| ApiError::malformed(e.to_string()).with_details(json!({ "field": "customer_id" })))
+    CustomerId::new(s).map_err(|e| {
+        ApiError::malformed(e.to_string()).with_details(json!({ "field": "customer_id" }))
+    })
 }

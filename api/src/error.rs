@@ -47,7 +47,11 @@ impl ApiError {
     /// An internal failure: logged with its cause chain, answered as an opaque 500.
     pub fn internal(err: impl std::fmt::Debug) -> Self {
         tracing::error!(error = ?err, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "something went wrong on our side; it has been logged")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "something went wrong on our side; it has been logged",
+        )
     }
 
     /// `404 not_found`.

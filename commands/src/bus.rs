@@ -57,9 +57,14 @@ impl CommandBus {
 
     /// Appends the command to its stream's command topic (partitioned like the events, by
     /// aggregate id) and waits for the outcome.
-    pub async fn dispatch(&self, stream: &str, command: &CommandEnvelope) -> Result<CommandResult, DispatchError> {
+    pub async fn dispatch(
+        &self,
+        stream: &str,
+        command: &CommandEnvelope,
+    ) -> Result<CommandResult, DispatchError> {
         let outcome = self.waiters.register(command.command_id);
-        let payload = serde_json::to_vec(command).map_err(|e| DispatchError::Kafka(e.to_string()))?;
+        let payload =
+            serde_json::to_vec(command).map_err(|e| DispatchError::Kafka(e.to_string()))?;
         let topic = self.topics.commands(stream);
         let record = FutureRecord::to(&topic)
             .partition(partition_for(&command.aggregate_id, self.partitions))
@@ -96,13 +101,18 @@ pub async fn start_results_listener(
     }
     let consumer: StreamConsumer = kafka
         .client()
-        .set("group.id", format!("{}.results-listener", kafka.topic_prefix))
+        .set(
+            "group.id",
+            format!("{}.results-listener", kafka.topic_prefix),
+        )
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "5")
         .create()
         .context("creating the results listener")?;
-    consumer.assign(&assignment).context("assigning the command-results partitions")?;
+    consumer
+        .assign(&assignment)
+        .context("assigning the command-results partitions")?;
     Ok(tokio::spawn(async move {
         loop {
             let message = tokio::select! {

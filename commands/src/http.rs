@@ -1,7 +1,10 @@
 //! The command routes of API.md. Everything a request can get wrong is found here, before
 //! anything reaches Kafka; what only the aggregate can judge comes back from the processor.
 
-use aggregates::{Cents, CustomerId, Inventory, InventoryCommand, Order, OrderCommand, OrderId, OrderLine, PaymentAccount, PaymentCommand, Quantity, Sku, ValueError};
+use aggregates::{
+    Cents, CustomerId, Inventory, InventoryCommand, Order, OrderCommand, OrderId, OrderLine,
+    PaymentAccount, PaymentCommand, Quantity, Sku, ValueError,
+};
 use api::{json_body, parse_customer_id, parse_order_id, parse_sku, ApiError};
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -97,7 +100,11 @@ impl LineBody {
 }
 
 /// Reads the body twice over: as `Value` (the idempotency fingerprint) and as `T`.
-async fn read<T: serde::de::DeserializeOwned>(parts: &Parts, body: Body, optional: bool) -> Result<(T, Value), ApiError> {
+async fn read<T: serde::de::DeserializeOwned>(
+    parts: &Parts,
+    body: Body,
+    optional: bool,
+) -> Result<(T, Value), ApiError> {
     let value: Value = json_body(&parts.headers, body, optional).await?;
     let typed = serde_json::from_value(value.clone())
         .map_err(|e| ApiError::malformed(format!("the request body is not valid: {e}")))?;
@@ -116,18 +123,38 @@ async fn create_order(State(api): State<CommandApi>, request: Request) -> Respon
             None => OrderId(command_id),
         };
         let customer_id = CustomerId::new(body.customer_id).map_err(out_of_range)?;
-        let lines = body.lines.into_iter().map(LineBody::into_line).collect::<Result<_, _>>()?;
-        let command = OrderCommand::CreateOrder { order_id, customer_id, lines };
-        Ok::<_, ApiError>((order_id.to_string(), command, raw, body.order_id.is_none().then_some(command_id)))
+        let lines = body
+            .lines
+            .into_iter()
+            .map(LineBody::into_line)
+            .collect::<Result<_, _>>()?;
+        let command = OrderCommand::CreateOrder {
+            order_id,
+            customer_id,
+            lines,
+        };
+        Ok::<_, ApiError>((
+            order_id.to_string(),
+            command,
+            raw,
+            body.order_id.is_none().then_some(command_id),
+        ))
     }
     .await;
     match result {
-        Ok((id, command, raw, derived)) => api.submit::<Order>(&parts, id, &command, &raw, derived).await,
+        Ok((id, command, raw, derived)) => {
+            api.submit::<Order>(&parts, id, &command, &raw, derived)
+                .await
+        }
         Err(e) => e.into_response(),
     }
 }
 
-async fn add_line(State(api): State<CommandApi>, Path(order_id): Path<String>, request: Request) -> Response {
+async fn add_line(
+    State(api): State<CommandApi>,
+    Path(order_id): Path<String>,
+    request: Request,
+) -> Response {
     let (parts, body) = request.into_parts();
     let result = async {
         let id = parse_order_id(&order_id)?;
@@ -138,7 +165,11 @@ async fn add_line(State(api): State<CommandApi>, Path(order_id): Path<String>, r
     api.respond::<Order>(&parts, result).await
 }
 
-async fn remove_line(State(api): State<CommandApi>, Path((order_id, sku)): Path<(String, String)>, request: Request) -> Response {
+async fn remove_line(
+    State(api): State<CommandApi>,
+    Path((order_id, sku)): Path<(String, String)>,
+    request: Request,
+) -> Response {
     let (parts, body) = request.into_parts();
     let result = async {
         let id = parse_order_id(&order_id)?;
@@ -150,7 +181,11 @@ async fn remove_line(State(api): State<CommandApi>, Path((order_id, sku)): Path<
     api.respond::<Order>(&parts, result).await
 }
 
-async fn place_order(State(api): State<CommandApi>, Path(order_id): Path<String>, request: Request) -> Response {
+async fn place_order(
+    State(api): State<CommandApi>,
+    Path(order_id): Path<String>,
+    request: Request,
+) -> Response {
     let (parts, body) = request.into_parts();
     let result = async {
         let id = parse_order_id(&order_id)?;
@@ -161,51 +196,93 @@ async fn place_order(State(api): State<CommandApi>, Path(order_id): Path<String>
     api.respond::<Order>(&parts, result).await
 }
 
-async fn cancel_order(State(api): State<CommandApi>, Path(order_id): Path<String>, request: Request) -> Response {
+async fn cancel_order(
+    State(api): State<CommandApi>,
+    Path(order_id): Path<String>,
+    request: Request,
+) -> Response {
     let (parts, body) = request.into_parts();
     let result = async {
         let id = parse_order_id(&order_id)?;
         let (body, raw) = read::<CancelBody>(&parts, body, false).await?;
-        Ok::<_, ApiError>((id, OrderCommand::CancelOrder { reason: body.reason }, raw))
+        Ok::<_, ApiError>((
+            id,
+            OrderCommand::CancelOrder {
+                reason: body.reason,
+            },
+            raw,
+        ))
     }
     .await;
     api.respond::<Order>(&parts, result).await
 }
 
-async fn restock(State(api): State<CommandApi>, Path(sku): Path<String>, request: Request) -> Response {
+async fn restock(
+    State(api): State<CommandApi>,
+    Path(sku): Path<String>,
+    request: Request,
+) -> Response {
     let (parts, body) = request.into_parts();
     let result = async {
         let sku = parse_sku(&sku)?;
         let (body, raw) = read::<RestockBody>(&parts, body, false).await?;
         let quantity = Quantity::restock(body.quantity).map_err(out_of_range)?;
-        Ok::<_, ApiError>((sku.to_string(), InventoryCommand::Restock { sku, quantity }, raw))
+        Ok::<_, ApiError>((
+            sku.to_string(),
+            InventoryCommand::Restock { sku, quantity },
+            raw,
+        ))
     }
     .await;
     match result {
-        Ok((id, command, raw)) => api.submit::<Inventory>(&parts, id, &command, &raw, None).await,
+        Ok((id, command, raw)) => {
+            api.submit::<Inventory>(&parts, id, &command, &raw, None)
+                .await
+        }
         Err(e) => e.into_response(),
     }
 }
 
-async fn deposit(State(api): State<CommandApi>, Path(customer_id): Path<String>, request: Request) -> Response {
+async fn deposit(
+    State(api): State<CommandApi>,
+    Path(customer_id): Path<String>,
+    request: Request,
+) -> Response {
     let (parts, body) = request.into_parts();
     let result = async {
         let customer_id = parse_customer_id(&customer_id)?;
         let (body, raw) = read::<DepositBody>(&parts, body, false).await?;
         let amount_cents = Cents::deposit(body.amount_cents).map_err(out_of_range)?;
-        Ok::<_, ApiError>((customer_id.to_string(), PaymentCommand::Deposit { customer_id, amount_cents }, raw))
+        Ok::<_, ApiError>((
+            customer_id.to_string(),
+            PaymentCommand::Deposit {
+                customer_id,
+                amount_cents,
+            },
+            raw,
+        ))
     }
     .await;
     match result {
-        Ok((id, command, raw)) => api.submit::<PaymentAccount>(&parts, id, &command, &raw, None).await,
+        Ok((id, command, raw)) => {
+            api.submit::<PaymentAccount>(&parts, id, &command, &raw, None)
+                .await
+        }
         Err(e) => e.into_response(),
     }
 }
 
 impl CommandApi {
-    async fn respond<A: CommandStream>(&self, parts: &Parts, parsed: Result<(OrderId, A::Command, Value), ApiError>) -> Response {
+    async fn respond<A: CommandStream>(
+        &self,
+        parts: &Parts,
+        parsed: Result<(OrderId, A::Command, Value), ApiError>,
+    ) -> Response {
         match parsed {
-            Ok((id, command, raw)) => self.submit::<A>(parts, id.to_string(), &command, &raw, None).await,
+            Ok((id, command, raw)) => {
+                self.submit::<A>(parts, id.to_string(), &command, &raw, None)
+                    .await
+            }
             Err(e) => e.into_response(),
         }
     }
@@ -220,7 +297,10 @@ impl CommandApi {
         raw_body: &Value,
         command_id: Option<Uuid>,
     ) -> Response {
-        match self.try_submit::<A>(parts, aggregate_id, command, raw_body, command_id).await {
+        match self
+            .try_submit::<A>(parts, aggregate_id, command, raw_body, command_id)
+            .await
+        {
             Ok(result) => answer(&result),
             Err(e) => e.into_response(),
         }
@@ -239,8 +319,16 @@ impl CommandApi {
         let mut command = serde_json::to_value(command).map_err(ApiError::internal)?;
         let mut command_id = command_id.unwrap_or_else(Uuid::new_v4);
         if let Some(key) = &key {
-            let fingerprint = format!("{} {} {}", parts.method, parts.uri.path(), canonical(raw_body));
-            match idempotency::claim(&self.pool, key, &fingerprint).await.map_err(ApiError::internal)? {
+            let fingerprint = format!(
+                "{} {} {}",
+                parts.method,
+                parts.uri.path(),
+                canonical(raw_body)
+            );
+            match idempotency::claim(&self.pool, key, &fingerprint)
+                .await
+                .map_err(ApiError::internal)?
+            {
                 Claim::Reused => {
                     return Err(ApiError::new(
                         StatusCode::UNPROCESSABLE_ENTITY,
@@ -248,8 +336,14 @@ impl CommandApi {
                         "this Idempotency-Key was used for another request; use a new key",
                     ))
                 }
-                Claim::Repeat { answer: Some(answer), .. } => return Ok(answer),
-                Claim::Repeat { command_id: first, .. } | Claim::New(first) => {
+                Claim::Repeat {
+                    answer: Some(answer),
+                    ..
+                } => return Ok(answer),
+                Claim::Repeat {
+                    command_id: first, ..
+                }
+                | Claim::New(first) => {
                     if first != command_id && aggregate_id == OrderId(command_id).to_string() {
                         // A creation whose order id derives from the command id: keep them in step.
                         aggregate_id = OrderId(first).to_string();
@@ -259,7 +353,13 @@ impl CommandApi {
                 }
             }
         }
-        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
         let envelope = CommandEnvelope {
             command_id,
             aggregate_id,
@@ -284,7 +384,9 @@ impl CommandApi {
             Err(DispatchError::Kafka(e)) => return Err(ApiError::not_ready(format!("the command log is not reachable ({e}); nothing was applied, retry later"))),
         };
         if let Some(key) = &key {
-            idempotency::record(&self.pool, key, &result).await.map_err(ApiError::internal)?;
+            idempotency::record(&self.pool, key, &result)
+                .await
+                .map_err(ApiError::internal)?;
         }
         Ok(result)
     }
@@ -297,20 +399,31 @@ fn answer(result: &CommandResult) -> Response {
 
 /// `If-Match: 3` or `If-Match: "3"`.
 fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(value) = headers.get("if-match") else { return Ok(None) };
+    let Some(value) = headers.get("if-match") else {
+        return Ok(None);
+    };
     let text = value.to_str().unwrap_or_default().trim();
-    let bare = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(text);
-    bare.parse()
-        .map(Some)
-        .map_err(|_| ApiError::malformed(format!("If-Match must be a version number, bare or quoted; got {text:?}")))
+    let bare = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    bare.parse().map(Some).map_err(|_| {
+        ApiError::malformed(format!(
+            "If-Match must be a version number, bare or quoted; got {text:?}"
+        ))
+    })
 }
 
 /// `Idempotency-Key`: 1..=128 printable ASCII characters.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
     let bytes = value.as_bytes();
     if bytes.is_empty() || bytes.len() > 128 || !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
-        return Err(ApiError::malformed("Idempotency-Key must be 1 to 128 printable ASCII characters"));
+        return Err(ApiError::malformed(
+            "Idempotency-Key must be 1 to 128 printable ASCII characters",
+        ));
     }
     Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
 }
@@ -322,7 +435,12 @@ fn canonical(value: &Value) -> String {
             Value::Object(map) => {
                 let mut entries: Vec<_> = map.iter().collect();
                 entries.sort_by(|a, b| a.0.cmp(b.0));
-                Value::Object(entries.into_iter().map(|(k, v)| (k.clone(), sort(v))).collect())
+                Value::Object(
+                    entries
+                        .into_iter()
+                        .map(|(k, v)| (k.clone(), sort(v)))
+                        .collect(),
+                )
             }
             Value::Array(items) => Value::Array(items.iter().map(sort).collect()),
             other => other.clone(),
@@ -352,7 +470,12 @@ mod tests {
 
     #[test]
     fn idempotency_keys_are_1_to_128_printable_ascii() {
-        assert_eq!(idempotency_key(&headers("idempotency-key", "k-1")).unwrap().as_deref(), Some("k-1"));
+        assert_eq!(
+            idempotency_key(&headers("idempotency-key", "k-1"))
+                .unwrap()
+                .as_deref(),
+            Some("k-1")
+        );
         assert!(idempotency_key(&headers("idempotency-key", "")).is_err());
         assert!(idempotency_key(&headers("idempotency-key", &"x".repeat(129))).is_err());
         assert!(idempotency_key(&headers("idempotency-key", &"x".repeat(128))).is_ok());

@@ -15,7 +15,10 @@ pub enum Claim {
     New(Uuid),
     /// Seen with the same request: send again with the same id (the processor answers
     /// with the first outcome), or answer with the stored outcome when there is one.
-    Repeat { command_id: Uuid, answer: Option<CommandResult> },
+    Repeat {
+        command_id: Uuid,
+        answer: Option<CommandResult>,
+    },
     /// Seen with another method, path or body.
     Reused,
 }
@@ -35,17 +38,22 @@ pub async fn claim(pool: &PgPool, key: &str, fingerprint: &str) -> sqlx::Result<
     if let Some(id) = inserted {
         return Ok(Claim::New(id));
     }
-    let (stored, command_id, status, body): (String, Uuid, Option<i16>, Option<Value>) = sqlx::query_as(
-        "SELECT fingerprint, command_id, status, body FROM idempotency_keys WHERE key = $1",
-    )
-    .bind(key)
-    .fetch_one(pool)
-    .await?;
+    let (stored, command_id, status, body): (String, Uuid, Option<i16>, Option<Value>) =
+        sqlx::query_as(
+            "SELECT fingerprint, command_id, status, body FROM idempotency_keys WHERE key = $1",
+        )
+        .bind(key)
+        .fetch_one(pool)
+        .await?;
     if stored != fingerprint {
         return Ok(Claim::Reused);
     }
     let answer = match (status, body) {
-        (Some(status), Some(body)) => Some(CommandResult { command_id, status: status as u16, body }),
+        (Some(status), Some(body)) => Some(CommandResult {
+            command_id,
+            status: status as u16,
+            body,
+        }),
         _ => None,
     };
     Ok(Claim::Repeat { command_id, answer })
@@ -53,20 +61,24 @@ pub async fn claim(pool: &PgPool, key: &str, fingerprint: &str) -> sqlx::Result<
 
 /// Stores the answer given to a key's first request.
 pub async fn record(pool: &PgPool, key: &str, result: &CommandResult) -> sqlx::Result<()> {
-    sqlx::query("UPDATE idempotency_keys SET status = $2, body = $3 WHERE key = $1 AND status IS NULL")
-        .bind(key)
-        .bind(result.status as i16)
-        .bind(&result.body)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "UPDATE idempotency_keys SET status = $2, body = $3 WHERE key = $1 AND status IS NULL",
+    )
+    .bind(key)
+    .bind(result.status as i16)
+    .bind(&result.body)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
 /// Deletes keys older than `hours` (API.md keeps them at least 24 hours).
 pub async fn expire(pool: &PgPool, hours: i32) -> sqlx::Result<u64> {
-    let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(hours => $1)")
-        .bind(hours)
-        .execute(pool)
-        .await?;
+    let done = sqlx::query(
+        "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(hours => $1)",
+    )
+    .bind(hours)
+    .execute(pool)
+    .await?;
     Ok(done.rows_affected())
 }

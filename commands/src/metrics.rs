@@ -19,8 +19,12 @@ struct Counters {
 impl Metrics {
     pub(crate) fn record_batch(&self, commands: usize) {
         self.inner.transactions.fetch_add(1, Ordering::Relaxed);
-        self.inner.commands.fetch_add(commands as u64, Ordering::Relaxed);
-        self.inner.largest_batch.fetch_max(commands as u64, Ordering::Relaxed);
+        self.inner
+            .commands
+            .fetch_add(commands as u64, Ordering::Relaxed);
+        self.inner
+            .largest_batch
+            .fetch_max(commands as u64, Ordering::Relaxed);
     }
 
     /// Transactions committed so far.

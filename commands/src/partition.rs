@@ -67,7 +67,12 @@ struct Pending {
 enum Outcome {
     Done(CommandResult),
     /// Accepted: the body needs the offset of its last event, known after delivery.
-    Accepted { aggregate_id: String, version: u64, created: bool, last_event: usize },
+    Accepted {
+        aggregate_id: String,
+        version: u64,
+        created: bool,
+        last_event: usize,
+    },
 }
 
 pub(crate) struct PartitionWorker<A: CommandStream> {
@@ -97,12 +102,21 @@ impl<A: CommandStream> PartitionWorker<A> {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "partition rebuilt; taking commands"
         );
-        let mut worker = Self { shared, partition, producer, aggregates, seen: Seen::default() };
+        let mut worker = Self {
+            shared,
+            partition,
+            producer,
+            aggregates,
+            seen: Seen::default(),
+        };
         if let Err(e) = worker.shared.resume(partition) {
             // Revoked while rebuilding: the closed channel below ends this worker.
             warn!(stream = A::STREAM, partition, error = %e, "could not resume the partition");
         }
-        worker.shared.rebuilding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        worker
+            .shared
+            .rebuilding
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
 
         while let Some(first) = commands.recv().await {
             let mut batch = vec![first];
@@ -135,7 +149,10 @@ impl<A: CommandStream> PartitionWorker<A> {
                     return Ok(());
                 }
                 Err(err) => {
-                    let kind = err.downcast_ref::<KafkaError>().map(classify).unwrap_or(TxnErrorKind::Fatal);
+                    let kind = err
+                        .downcast_ref::<KafkaError>()
+                        .map(classify)
+                        .unwrap_or(TxnErrorKind::Fatal);
                     if kind == TxnErrorKind::Fatal || attempt >= MAX_ATTEMPTS {
                         return Err(err.context(format!(
                             "{} partition {} gave up a batch of {} ({kind:?}); the processor restarts and rebuilds",
@@ -147,7 +164,9 @@ impl<A: CommandStream> PartitionWorker<A> {
                     warn!(stream = A::STREAM, partition = self.partition, attempt, error = %err, "transaction failed; aborting and retrying the batch");
                     if let Err(abort) = self.producer.abort().await {
                         if classify(&abort) == TxnErrorKind::Fatal {
-                            return Err(anyhow::Error::new(abort).context("aborting a failed transaction"));
+                            return Err(
+                                anyhow::Error::new(abort).context("aborting a failed transaction")
+                            );
                         }
                     }
                     tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
@@ -186,19 +205,37 @@ impl<A: CommandStream> PartitionWorker<A> {
                 }
             };
             if let Some(previous) = self.seen.results.get(&envelope.command_id) {
-                pending.push(Pending { command_id: envelope.command_id, idempotent: false, outcome: Outcome::Done(previous.clone()) });
+                pending.push(Pending {
+                    command_id: envelope.command_id,
+                    idempotent: false,
+                    outcome: Outcome::Done(previous.clone()),
+                });
                 continue;
             }
             let id = envelope.aggregate_id.clone();
-            let slot = staged.get(&id).or_else(|| self.aggregates.get(&id)).cloned().unwrap_or_default();
-            let rejected = |error: api::ApiError| Outcome::Done(CommandResult {
-                command_id: envelope.command_id,
-                status: error.status.as_u16(),
-                body: error.body(),
-            });
-            let outcome = match (envelope.expected_version, serde_json::from_value::<A::Command>(envelope.command.clone())) {
-                (Some(expected), _) if expected != slot.version => rejected(version_conflict(expected, slot.version)),
-                (_, Err(e)) => rejected(api::ApiError::malformed(format!("not a {} command: {e}", A::STREAM))),
+            let slot = staged
+                .get(&id)
+                .or_else(|| self.aggregates.get(&id))
+                .cloned()
+                .unwrap_or_default();
+            let rejected = |error: api::ApiError| {
+                Outcome::Done(CommandResult {
+                    command_id: envelope.command_id,
+                    status: error.status.as_u16(),
+                    body: error.body(),
+                })
+            };
+            let outcome = match (
+                envelope.expected_version,
+                serde_json::from_value::<A::Command>(envelope.command.clone()),
+            ) {
+                (Some(expected), _) if expected != slot.version => {
+                    rejected(version_conflict(expected, slot.version))
+                }
+                (_, Err(e)) => rejected(api::ApiError::malformed(format!(
+                    "not a {} command: {e}",
+                    A::STREAM
+                ))),
                 (_, Ok(command)) => {
                     let mut state = slot.state.clone();
                     let sink = EventSink::default();
@@ -216,9 +253,21 @@ impl<A: CommandStream> PartitionWorker<A> {
                             let mut version = slot.version;
                             for event in &events {
                                 version += 1;
-                                let record = EventEnvelope::wrap::<A>(&id, version, event, metadata.clone(), now)?;
+                                let record = EventEnvelope::wrap::<A>(
+                                    &id,
+                                    version,
+                                    event,
+                                    metadata.clone(),
+                                    now,
+                                )?;
                                 let payload = serde_json::to_vec(&record)?;
-                                event_sends.push(self.producer.send(&events_topic, self.partition, &id, &payload, record.kafka_headers())?);
+                                event_sends.push(self.producer.send(
+                                    &events_topic,
+                                    self.partition,
+                                    &id,
+                                    &payload,
+                                    record.kafka_headers(),
+                                )?);
                             }
                             staged.insert(id.clone(), Slot { state, version });
                             Outcome::Accepted {
@@ -231,7 +280,11 @@ impl<A: CommandStream> PartitionWorker<A> {
                     }
                 }
             };
-            pending.push(Pending { command_id: envelope.command_id, idempotent: envelope.idempotent, outcome });
+            pending.push(Pending {
+                command_id: envelope.command_id,
+                idempotent: envelope.idempotent,
+                outcome,
+            });
         }
 
         // Results carry the events' offsets (the consistency token), so the events'
@@ -248,10 +301,18 @@ impl<A: CommandStream> PartitionWorker<A> {
         for p in pending {
             let result = match p.outcome {
                 Outcome::Done(result) => result,
-                Outcome::Accepted { aggregate_id, version, created, last_event } => {
+                Outcome::Accepted {
+                    aggregate_id,
+                    version,
+                    created,
+                    last_event,
+                } => {
                     let token = ConsistencyToken {
                         stream: A::STREAM.to_string(),
-                        positions: vec![Position { partition: self.partition, offset: offsets[last_event] }],
+                        positions: vec![Position {
+                            partition: self.partition,
+                            offset: offsets[last_event],
+                        }],
                     };
                     CommandResult {
                         command_id: p.command_id,
@@ -262,42 +323,100 @@ impl<A: CommandStream> PartitionWorker<A> {
             };
             let payload = serde_json::to_vec(&result)?;
             let key = result.command_id.to_string();
-            other_sends.push(self.producer.send(&topics.command_results(), self.partition, &key, &payload, OwnedHeaders::new())?);
+            other_sends.push(self.producer.send(
+                &topics.command_results(),
+                self.partition,
+                &key,
+                &payload,
+                OwnedHeaders::new(),
+            )?);
             results.push((result, p.idempotent));
         }
 
-        let last = batch.iter().map(|m| m.offset()).max().context("empty batch")?;
+        let last = batch
+            .iter()
+            .map(|m| m.offset())
+            .max()
+            .context("empty batch")?;
         let mut consumed = TopicPartitionList::new();
-        consumed.add_partition_offset(&topics.commands(A::STREAM), self.partition, Offset::Offset(last + 1))?;
-        let group = self.shared.consumer.group_metadata().context("no consumer group metadata")?;
+        consumed.add_partition_offset(
+            &topics.commands(A::STREAM),
+            self.partition,
+            Offset::Offset(last + 1),
+        )?;
+        let group = self
+            .shared
+            .consumer
+            .group_metadata()
+            .context("no consumer group metadata")?;
         self.producer.send_offsets(consumed, group).await?;
         self.producer.commit(other_sends).await?;
         Ok((staged, results))
     }
 
-    fn dead_letter(&self, message: &OwnedMessage, error: &str) -> anyhow::Result<eventlog::rdkafka::producer::DeliveryFuture> {
-        let source = format!("{}/{}/{}", message.topic(), message.partition(), message.offset());
+    fn dead_letter(
+        &self,
+        message: &OwnedMessage,
+        error: &str,
+    ) -> anyhow::Result<eventlog::rdkafka::producer::DeliveryFuture> {
+        let source = format!(
+            "{}/{}/{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        );
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "tally-dlq-error", value: Some(error) })
-            .insert(Header { key: "tally-dlq-source", value: Some(source.as_str()) });
-        let key = message.key().map(String::from_utf8_lossy).unwrap_or_default();
-        Ok(self.producer.send(&self.shared.topics.dead_letters(), 0, &key, message.payload().unwrap_or_default(), headers)?)
+            .insert(Header {
+                key: "tally-dlq-error",
+                value: Some(error),
+            })
+            .insert(Header {
+                key: "tally-dlq-source",
+                value: Some(source.as_str()),
+            });
+        let key = message
+            .key()
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default();
+        Ok(self.producer.send(
+            &self.shared.topics.dead_letters(),
+            0,
+            &key,
+            message.payload().unwrap_or_default(),
+            headers,
+        )?)
     }
 }
 
 /// Folds every committed event of the partition into its aggregates.
-async fn rebuild<A: CommandStream>(shared: &Shared, partition: i32) -> anyhow::Result<HashMap<String, Slot<A>>> {
+async fn rebuild<A: CommandStream>(
+    shared: &Shared,
+    partition: i32,
+) -> anyhow::Result<HashMap<String, Slot<A>>> {
     let mut aggregates: HashMap<String, Slot<A>> = HashMap::new();
     let topic = shared.topics.events(A::STREAM);
     read_partition(&shared.kafka, &topic, partition, 0, |message| {
         let envelope: EventEnvelope = serde_json::from_slice(message.payload().unwrap_or_default())
-            .with_context(|| format!("event at {topic}/{partition}/{} is not an envelope", message.offset()))?;
-        let event = envelope
-            .decode::<A::Event>()
-            .with_context(|| format!("event {} at offset {} does not decode", envelope.event_type, message.offset()))?;
+            .with_context(|| {
+                format!(
+                    "event at {topic}/{partition}/{} is not an envelope",
+                    message.offset()
+                )
+            })?;
+        let event = envelope.decode::<A::Event>().with_context(|| {
+            format!(
+                "event {} at offset {} does not decode",
+                envelope.event_type,
+                message.offset()
+            )
+        })?;
         let slot = aggregates.entry(envelope.aggregate_id).or_default();
         if envelope.sequence != slot.version + 1 {
-            bail!("sequence gap in {topic}/{partition}: {} after {}", envelope.sequence, slot.version);
+            bail!(
+                "sequence gap in {topic}/{partition}: {} after {}",
+                envelope.sequence,
+                slot.version
+            );
         }
         slot.state.apply(event);
         slot.version = envelope.sequence;

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use eventlog::rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use eventlog::rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use eventlog::rdkafka::message::OwnedMessage;
 use eventlog::rdkafka::{ClientContext, Message, TopicPartitionList};
 use eventlog::{KafkaConfig, Topics};
@@ -51,7 +53,9 @@ impl Shared {
     pub(crate) fn resume(&self, partition: i32) -> anyhow::Result<()> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topics.commands(self.stream), partition);
-        self.consumer.resume(&tpl).context("resuming the command partition")
+        self.consumer
+            .resume(&tpl)
+            .context("resuming the command partition")
     }
 }
 
@@ -112,7 +116,10 @@ pub async fn run<A: CommandStream>(
     let consumer: StreamConsumer<Rebalances> = config
         .kafka
         .client()
-        .set("group.id", format!("{}.{}.processor", config.kafka.topic_prefix, A::STREAM))
+        .set(
+            "group.id",
+            format!("{}.{}.processor", config.kafka.topic_prefix, A::STREAM),
+        )
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -121,9 +128,13 @@ pub async fn run<A: CommandStream>(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "5")
-        .create_with_context(Rebalances { changes: changes_tx })
+        .create_with_context(Rebalances {
+            changes: changes_tx,
+        })
         .context("creating the command consumer")?;
-    consumer.subscribe(&[&topics.commands(A::STREAM)]).context("subscribing to the command topic")?;
+    consumer
+        .subscribe(&[&topics.commands(A::STREAM)])
+        .context("subscribing to the command topic")?;
     let shared = Arc::new(Shared {
         kafka: config.kafka.clone(),
         topics,

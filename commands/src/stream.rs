@@ -10,8 +10,12 @@ use serde::Serialize;
 
 /// An aggregate type the command processor can serve.
 pub trait CommandStream:
-    Aggregate<Services = (), Command: DeserializeOwned + Serialize + Send, Event: Send, Error: Send + Sync>
-    + Clone
+    Aggregate<
+        Services = (),
+        Command: DeserializeOwned + Serialize + Send,
+        Event: Send,
+        Error: Send + Sync,
+    > + Clone
     + 'static
 {
     /// The stream name in topic names: `<prefix>.<STREAM>.commands` / `.events`.

@@ -66,9 +66,13 @@ impl ConsistencyToken {
         let mut positions = Vec::new();
         for part in s.split('~') {
             let mut fields = part.split('.');
-            let (Some("t1"), Some(name), Some(p), Some(o), None) =
-                (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
-            else {
+            let (Some("t1"), Some(name), Some(p), Some(o), None) = (
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+            ) else {
                 return None;
             };
             if name.is_empty() || stream.get_or_insert(name) != &name {
@@ -78,7 +82,10 @@ impl ConsistencyToken {
             let offset = o.parse().ok().filter(|o: &i64| *o >= 0)?;
             positions.push(Position { partition, offset });
         }
-        Some(Self { stream: stream?.to_string(), positions })
+        Some(Self {
+            stream: stream?.to_string(),
+            positions,
+        })
     }
 }
 
@@ -90,11 +97,21 @@ mod tests {
     fn tokens_round_trip_and_garbage_is_refused() {
         let token = ConsistencyToken {
             stream: "order".into(),
-            positions: vec![Position { partition: 3, offset: 41 }],
+            positions: vec![Position {
+                partition: 3,
+                offset: 41,
+            }],
         };
         let s = token.encode();
         assert_eq!(ConsistencyToken::decode(&s), Some(token));
-        for bad in ["", "t1.order.3", "t2.order.1.1", "t1.order.-1.4", "t1.order.1.x", "t1..1.1"] {
+        for bad in [
+            "",
+            "t1.order.3",
+            "t2.order.1.1",
+            "t1.order.-1.4",
+            "t1.order.1.x",
+            "t1..1.1",
+        ] {
             assert_eq!(ConsistencyToken::decode(bad), None, "{bad}");
         }
     }

@@ -26,10 +26,21 @@ pub fn args(prefix: &str, partitions: u32, roles: &str) -> (CommonArgs, RunArgs)
     );
     let partitions = partitions.to_string();
     let cli = Cli::try_parse_from([
-        "tally", "serve", "--topic-prefix", prefix, "--partitions", &partitions, "--roles", roles, "--command-timeout-secs", "20",
+        "tally",
+        "serve",
+        "--topic-prefix",
+        prefix,
+        "--partitions",
+        &partitions,
+        "--roles",
+        roles,
+        "--command-timeout-secs",
+        "20",
     ])
     .unwrap();
-    let Command::Serve(serve) = cli.command else { unreachable!("parsed serve") };
+    let Command::Serve(serve) = cli.command else {
+        unreachable!("parsed serve")
+    };
     (serve.common, serve.run)
 }
 
@@ -49,14 +60,23 @@ impl TestApp {
 
     pub async fn start_with(prefix: &str, partitions: u32, roles: &str) -> Self {
         let filter = std::env::var("TALLY_LOG").unwrap_or_else(|_| "warn".into());
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
         let (common, run) = args(prefix, partitions, roles);
         let state = tally::prepare(&common).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(tally::run(Some(listener), state, run, shutdown.clone()));
-        let app = Self { addr, kafka: common.kafka(), http: reqwest::Client::new(), shutdown, task };
+        let app = Self {
+            addr,
+            kafka: common.kafka(),
+            http: reqwest::Client::new(),
+            shutdown,
+            task,
+        };
         app.wait_ready().await;
         app
     }
@@ -65,11 +85,20 @@ impl TestApp {
     pub async fn wait_ready(&self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
-            let ready = self.http.get(self.url("/readyz")).send().await.map(|r| r.status() == 200).unwrap_or(false);
+            let ready = self
+                .http
+                .get(self.url("/readyz"))
+                .send()
+                .await
+                .map(|r| r.status() == 200)
+                .unwrap_or(false);
             if ready {
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "app not ready within 60s");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "app not ready within 60s"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
@@ -79,7 +108,12 @@ impl TestApp {
     }
 
     /// POSTs JSON with extra headers; answers status and JSON body.
-    pub async fn post(&self, path: &str, body: Value, headers: &[(&str, &str)]) -> (StatusCode, Value) {
+    pub async fn post(
+        &self,
+        path: &str,
+        body: Value,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
         let mut request = self.http.post(self.url(path)).json(&body);
         for (k, v) in headers {
             request = request.header(*k, *v);
@@ -112,8 +146,16 @@ pub async fn events(kafka: &KafkaConfig, stream: &str) -> Vec<EventEnvelope> {
 }
 
 /// The committed events of one aggregate, by sequence.
-pub async fn events_of(kafka: &KafkaConfig, stream: &str, aggregate_id: &str) -> Vec<EventEnvelope> {
-    let mut found: Vec<_> = events(kafka, stream).await.into_iter().filter(|e| e.aggregate_id == aggregate_id).collect();
+pub async fn events_of(
+    kafka: &KafkaConfig,
+    stream: &str,
+    aggregate_id: &str,
+) -> Vec<EventEnvelope> {
+    let mut found: Vec<_> = events(kafka, stream)
+        .await
+        .into_iter()
+        .filter(|e| e.aggregate_id == aggregate_id)
+        .collect();
     found.sort_by_key(|e| e.sequence);
     found
 }
