@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use tally::config::{Cli, Command, LogFormat};
+use tally::config::{Cli, Command, LogFormat, Role};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -12,21 +12,26 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             init_logging(args.common.log_format);
             let state = tally::prepare(&args.common).await?;
-            let listener = tokio::net::TcpListener::bind(args.listen)
-                .await
-                .with_context(|| {
-                    format!(
-                        "binding {}; is another tally running? (--listen)",
-                        args.listen
-                    )
-                })?;
+            let listener = match args.run.roles.contains(&Role::Api) {
+                true => Some(
+                    tokio::net::TcpListener::bind(args.listen)
+                        .await
+                        .with_context(|| {
+                            format!(
+                                "binding {}; is another tally running? (--listen)",
+                                args.listen
+                            )
+                        })?,
+                ),
+                false => None,
+            };
             let shutdown = tokio_util::sync::CancellationToken::new();
             let trigger = shutdown.clone();
             tokio::spawn(async move {
                 shutdown_signal().await;
                 trigger.cancel();
             });
-            tally::run(Some(listener), state, args.run, shutdown).await
+            tally::run(listener, state, args.run, shutdown).await
         }
         Command::Init(common) => {
             init_logging(common.log_format);

@@ -385,3 +385,60 @@ async fn after_a_restart_commands_are_validated_against_the_rebuilt_history() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_fenced_processor_commits_nothing_and_its_successor_rebuilds_and_answers() {
+    let prefix = new_prefix();
+    let app = TestApp::start_with(&prefix, 1, "api,commands").await;
+    let id = order_id();
+    create_order(&app, &id).await;
+
+    // A new owner of partition 0 appears: the running processor is now a zombie.
+    let usurper = eventlog::TxnProducer::new(&app.kafka, &format!("{prefix}-order-p0"))
+        .await
+        .unwrap();
+
+    // The zombie's next transaction fails; the processor restarts, fences the usurper in
+    // turn, rebuilds from the log, and handles the command exactly once.
+    let (status, body) = app
+        .post(&format!("/v1/orders/{id}/place"), json!({}), &[])
+        .await;
+    assert_eq!(
+        (status.as_u16(), &body["version"]),
+        (200, &json!(2)),
+        "{body}"
+    );
+    let types: Vec<String> = events_of(&app.kafka, "order", &id)
+        .await
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert_eq!(types, vec!["OrderCreated", "OrderPlaced"]);
+
+    usurper.begin().await.unwrap();
+    let topic = format!("{prefix}.order.events");
+    let send = usurper
+        .send(
+            &topic,
+            0,
+            &id,
+            b"{}",
+            eventlog::rdkafka::message::OwnedHeaders::new(),
+        )
+        .unwrap();
+    let err = usurper
+        .commit(vec![send])
+        .await
+        .expect_err("the usurper was fenced by the restarted processor");
+    assert_eq!(
+        eventlog::classify(&err),
+        eventlog::TxnErrorKind::Fatal,
+        "{err:?}"
+    );
+    assert_eq!(
+        events_of(&app.kafka, "order", &id).await.len(),
+        2,
+        "nothing from a fenced producer is visible"
+    );
+    app.stop().await;
+}

@@ -53,6 +53,7 @@ pub async fn claim(pool: &PgPool, key: &str, fingerprint: &str) -> sqlx::Result<
             command_id,
             status: status as u16,
             body,
+            idempotent: true,
         }),
         _ => None,
     };

@@ -13,7 +13,10 @@ use eventlog::rdkafka::consumer::Consumer;
 use eventlog::rdkafka::error::KafkaError;
 use eventlog::rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use eventlog::rdkafka::{Offset, TopicPartitionList};
-use eventlog::{classify, read_partition, EventEnvelope, EventMetadata, TxnErrorKind, TxnProducer};
+use eventlog::{
+    classify, offset_for_time, read_partition, EventEnvelope, EventMetadata, TxnErrorKind,
+    TxnProducer,
+};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -95,6 +98,7 @@ impl<A: CommandStream> PartitionWorker<A> {
         let txn_id = format!("{}-{}-p{partition}", shared.kafka.topic_prefix, A::STREAM);
         let producer = TxnProducer::new(&shared.kafka, &txn_id).await?;
         let aggregates = rebuild::<A>(&shared, partition).await?;
+        let seen = recent_outcomes(&shared, partition).await?;
         info!(
             stream = A::STREAM,
             partition,
@@ -107,7 +111,7 @@ impl<A: CommandStream> PartitionWorker<A> {
             partition,
             producer,
             aggregates,
-            seen: Seen::default(),
+            seen,
         };
         if let Err(e) = worker.shared.resume(partition) {
             // Revoked while rebuilding: the closed channel below ends this worker.
@@ -189,6 +193,7 @@ impl<A: CommandStream> PartitionWorker<A> {
         let mut pending = Vec::with_capacity(batch.len());
         let mut event_sends = Vec::new();
         let mut other_sends = Vec::new();
+        let mut in_batch = std::collections::HashSet::new();
         let now = Utc::now();
 
         for message in batch {
@@ -204,6 +209,10 @@ impl<A: CommandStream> PartitionWorker<A> {
                     continue;
                 }
             };
+            if !in_batch.insert(envelope.command_id) {
+                // The same command twice in one batch: the first's outcome answers both.
+                continue;
+            }
             if let Some(previous) = self.seen.results.get(&envelope.command_id) {
                 pending.push(Pending {
                     command_id: envelope.command_id,
@@ -223,6 +232,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                     command_id: envelope.command_id,
                     status: error.status.as_u16(),
                     body: error.body(),
+                    idempotent: envelope.idempotent,
                 })
             };
             let outcome = match (
@@ -316,6 +326,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                     };
                     CommandResult {
                         command_id: p.command_id,
+                        idempotent: p.idempotent,
                         status: if created { 201 } else { 200 },
                         body: json!({ "aggregate_id": aggregate_id, "version": version, "consistency_token": token.encode() }),
                     }
@@ -386,6 +397,29 @@ impl<A: CommandStream> PartitionWorker<A> {
             headers,
         )?)
     }
+}
+
+/// Outcomes of keyed commands written to this partition within the dedup window, so that
+/// a retry reaching a new owner is answered, not applied again.
+async fn recent_outcomes(shared: &Shared, partition: i32) -> anyhow::Result<Seen> {
+    let topic = shared.topics.command_results();
+    let since = Utc::now() - chrono::Duration::from_std(shared.dedup_window).unwrap_or_default();
+    let from = offset_for_time(&shared.kafka, &topic, partition, since.timestamp_millis()).await?;
+    let mut seen = Seen::default();
+    read_partition(&shared.kafka, &topic, partition, from, |message| {
+        if let Some(Ok(result)) = message
+            .payload()
+            .map(serde_json::from_slice::<CommandResult>)
+        {
+            if result.idempotent {
+                seen.insert(result, shared.dedup_window);
+            }
+        }
+        Ok(())
+    })
+    .await
+    .with_context(|| format!("reloading recent outcomes from {topic}/{partition}"))?;
+    Ok(seen)
 }
 
 /// Folds every committed event of the partition into its aggregates.

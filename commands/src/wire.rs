@@ -31,6 +31,10 @@ pub struct CommandResult {
     pub status: u16,
     /// HTTP body to answer with: the success body or the API.md error shape.
     pub body: Value,
+    /// The command carried an Idempotency-Key: a new owner of the partition reloads this
+    /// outcome (within the dedup window) so a late retry still gets it.
+    #[serde(default)]
+    pub idempotent: bool,
 }
 
 /// Where a command's last event landed: a read model has caught up with the command once

@@ -22,7 +22,7 @@ mod txn;
 pub use config::KafkaConfig;
 pub use envelope::{headers, EventEnvelope, EventMetadata};
 pub use partitioner::{murmur2, partition_for};
-pub use reader::{read_partition, watermarks};
+pub use reader::{offset_for_time, read_partition, watermarks};
 pub use topics::{check_connection, ensure_topics, TopicSpec, Topics};
 pub use txn::{classify, TxnErrorKind, TxnProducer};
 

@@ -109,3 +109,34 @@ fn position(consumer: &StreamConsumer, topic: &str, partition: i32) -> anyhow::R
             _ => None,
         }))
 }
+
+/// The first offset of `topic`/`partition` whose record was written at or after `at_ms`
+/// (milliseconds since the epoch), or the end of the partition when none was.
+pub async fn offset_for_time(
+    config: &KafkaConfig,
+    topic: &str,
+    partition: i32,
+    at_ms: i64,
+) -> anyhow::Result<i64> {
+    let consumer: BaseConsumer = read_committed(config)
+        .create()
+        .context("creating a consumer")?;
+    let (topic, end) = (
+        topic.to_string(),
+        watermarks(config, topic, partition).await?.1,
+    );
+    tokio::task::spawn_blocking(move || {
+        let mut query = TopicPartitionList::new();
+        query.add_partition_offset(&topic, partition, Offset::Offset(at_ms))?;
+        let found = consumer
+            .offsets_for_times(query, Duration::from_secs(10))
+            .with_context(|| format!("looking up offsets by time in {topic}/{partition}"))?;
+        Ok(
+            match found.find_partition(&topic, partition).map(|p| p.offset()) {
+                Some(Offset::Offset(o)) if o >= 0 => o,
+                _ => end,
+            },
+        )
+    })
+    .await?
+}

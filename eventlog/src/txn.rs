@@ -133,12 +133,21 @@ impl TxnProducer {
         for delivery in deliveries {
             match delivery.await {
                 Ok(Ok(d)) => delivered.push(d),
-                Ok(Err((err, _))) => return Err(err),
-                Err(_) => return Err(KafkaError::Canceled),
+                Ok(Err((err, _))) => return Err(self.fatal_or(err)),
+                Err(_) => return Err(self.fatal_or(KafkaError::Canceled)),
             }
         }
         self.blocking(|p, t| p.commit_transaction(t)).await?;
         Ok(delivered)
+    }
+
+    /// A failed delivery of a producer that hit a fatal error (e.g. fenced) reports only
+    /// "purged"; report the fatal error instead, so the caller gives up rather than retry.
+    fn fatal_or(&self, err: KafkaError) -> KafkaError {
+        match self.producer.client().fatal_error() {
+            Some((code, _)) => KafkaError::MessageProduction(code),
+            None => err,
+        }
     }
 
     /// Aborts the open transaction: nothing sent in it is ever seen by `read_committed`.
