@@ -20,7 +20,7 @@ use axum::http::{HeaderName, Request};
 use axum::routing::get;
 use axum::Router;
 use commands::processor::{self, ProcessorConfig, ProcessorStatus};
-use commands::{CommandBus, CommandStream, Waiters};
+use commands::{CommandBus, CommandStream, Local};
 use eventlog::{ensure_topics, KafkaConfig, Topics};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -123,7 +123,7 @@ pub async fn run(
     settings: RunArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let waiters = Waiters::default();
+    let local = Local::default();
     let mut tasks = JoinSet::new();
     let mut statuses = Vec::new();
     if settings.roles.contains(&Role::Commands) {
@@ -132,23 +132,23 @@ pub async fn run(
             dedup_window: Duration::from_secs(settings.dedup_window_secs),
         };
         statuses.push(spawn_processor::<Order>(
-            &mut tasks, &config, &waiters, &shutdown,
+            &mut tasks, &config, &local, &shutdown,
         ));
         statuses.push(spawn_processor::<Inventory>(
-            &mut tasks, &config, &waiters, &shutdown,
+            &mut tasks, &config, &local, &shutdown,
         ));
         statuses.push(spawn_processor::<PaymentAccount>(
-            &mut tasks, &config, &waiters, &shutdown,
+            &mut tasks, &config, &local, &shutdown,
         ));
     }
     state.readiness.processors = statuses.clone();
 
     if settings.roles.contains(&Role::Api) {
         let listener = listener.context("the api role needs a listener")?;
-        commands::start_results_listener(&state.kafka, waiters.clone(), shutdown.clone()).await?;
+        commands::start_results_listener(&state.kafka, local.clone(), shutdown.clone()).await?;
         let bus = CommandBus::new(
             &state.kafka,
-            waiters,
+            local,
             Duration::from_secs(settings.command_timeout_secs),
         )?;
         let commands = commands::http::CommandApi {
@@ -174,19 +174,19 @@ pub async fn run(
 fn spawn_processor<A: CommandStream>(
     tasks: &mut JoinSet<()>,
     config: &ProcessorConfig,
-    waiters: &Waiters,
+    local: &Local,
     shutdown: &CancellationToken,
 ) -> (&'static str, ProcessorStatus) {
     let status = ProcessorStatus::default();
-    let (config, waiters, shutdown, handle) = (
+    let (config, local, shutdown, handle) = (
         config.clone(),
-        waiters.clone(),
+        local.clone(),
         shutdown.clone(),
         status.clone(),
     );
     tasks.spawn(async move {
         loop {
-            let result = processor::run::<A>(config.clone(), waiters.clone(), handle.clone(), shutdown.clone()).await;
+            let result = processor::run::<A>(config.clone(), local.clone(), handle.clone(), shutdown.clone()).await;
             if shutdown.is_cancelled() {
                 return;
             }

@@ -8,21 +8,21 @@
 //!   group. Each owned partition is fenced (`init_transactions`), rebuilt from the event
 //!   partition up to the last stable offset, then served in batches: events + command
 //!   results + consumed offsets in ONE Kafka transaction, state updated after the commit.
-//! - Outcomes come back through [`Waiters`]: straight from a processor in this process, or
+//! - Outcomes come back through [`Local`]: straight from a processor in this process, or
 //!   through the command-results topic ([`start_results_listener`]) from another one.
 
 mod bus;
 pub mod http;
 pub mod idempotency;
+mod local;
 mod metrics;
 mod partition;
 pub mod processor;
 mod stream;
-mod waiters;
 pub mod wire;
 
 pub use bus::{start_results_listener, CommandBus, DispatchError};
+pub use local::Local;
 pub use metrics::Metrics;
 pub use processor::{ProcessorConfig, ProcessorStatus};
 pub use stream::CommandStream;
-pub use waiters::Waiters;

@@ -2,26 +2,27 @@
 //! then handle commands in batches, each batch ONE Kafka transaction of events, results
 //! and consumed offsets. In-memory state changes only after the commit.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use eventlog::rdkafka::consumer::Consumer;
 use eventlog::rdkafka::error::KafkaError;
 use eventlog::rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use eventlog::rdkafka::{Offset, TopicPartitionList};
 use eventlog::{
-    classify, offset_for_time, read_partition, EventEnvelope, EventMetadata, TxnErrorKind,
-    TxnProducer,
+    classify, offset_for_time, read_partition, Delivery, EventEnvelope, EventMetadata,
+    TxnErrorKind, TxnProducer,
 };
 use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use crate::local::Work;
 use crate::processor::Shared;
 use crate::stream::{version_conflict, CommandStream};
 use crate::wire::{CommandEnvelope, CommandResult, ConsistencyToken, Position};
@@ -60,10 +61,56 @@ impl Seen {
     }
 }
 
+/// Marks an error from the commit itself: the transaction may or may not have committed.
+#[derive(Debug)]
+struct CommitUncertain;
+
+impl std::fmt::Display for CommitUncertain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("committing the transaction")
+    }
+}
+
+/// What one transaction has built so far.
+struct Txn<A> {
+    /// Command ids already decided in this batch.
+    in_batch: HashSet<Uuid>,
+    /// Aggregates as they will be after the commit.
+    staged: HashMap<String, Slot<A>>,
+    pending: Vec<Pending>,
+    event_sends: Vec<Delivery>,
+}
+
+impl<A> Default for Txn<A> {
+    fn default() -> Self {
+        Self {
+            in_batch: HashSet::new(),
+            staged: HashMap::new(),
+            pending: Vec::new(),
+            event_sends: Vec::new(),
+        }
+    }
+}
+
+/// Withdraws a worker's in-process registration when it ends.
+struct OwnerGuard {
+    shared: Arc<Shared>,
+    stream: &'static str,
+    partition: i32,
+}
+
+impl Drop for OwnerGuard {
+    fn drop(&mut self) {
+        self.shared.local.remove_owner(self.stream, self.partition);
+    }
+}
+
 /// A command outcome being built inside a transaction.
 struct Pending {
     command_id: Uuid,
     idempotent: bool,
+    /// It came through the command topic: a request in another process may wait for it.
+    remote: bool,
     outcome: Outcome,
 }
 
@@ -92,7 +139,8 @@ impl<A: CommandStream> PartitionWorker<A> {
     pub(crate) async fn run(
         shared: Arc<Shared>,
         partition: i32,
-        mut commands: mpsc::Receiver<OwnedMessage>,
+        mut commands: mpsc::Receiver<Work>,
+        me: mpsc::Sender<Work>,
     ) -> anyhow::Result<()> {
         let started = Instant::now();
         let txn_id = format!("{}-{}-p{partition}", shared.kafka.topic_prefix, A::STREAM);
@@ -121,6 +169,14 @@ impl<A: CommandStream> PartitionWorker<A> {
             .shared
             .rebuilding
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        // From now on the API of this process hands commands for this partition straight
+        // here; the guard withdraws that when the worker ends, however it ends.
+        worker.shared.local.set_owner(A::STREAM, partition, me);
+        let _owner = OwnerGuard {
+            shared: worker.shared.clone(),
+            stream: A::STREAM,
+            partition,
+        };
 
         while let Some(first) = commands.recv().await {
             let mut batch = vec![first];
@@ -130,21 +186,38 @@ impl<A: CommandStream> PartitionWorker<A> {
                     Err(_) => break,
                 }
             }
-            worker.process(batch).await?;
+            if let Err(err) = worker.process(&batch).await {
+                // Commands handed over in-process exist nowhere else: send them through
+                // the command topic to the next owner, unless the commit may have happened.
+                commands.close();
+                let mut unsent: Vec<Work> = Vec::new();
+                if err.downcast_ref::<CommitUncertain>().is_none() {
+                    unsent.extend(batch);
+                }
+                while let Ok(work) = commands.try_recv() {
+                    unsent.push(work);
+                }
+                for work in unsent {
+                    if let Work::Direct(envelope) = work {
+                        worker.shared.local.bounce(A::STREAM, envelope);
+                    }
+                }
+                return Err(err);
+            }
         }
         debug!(stream = A::STREAM, partition, "partition released");
         Ok(())
     }
 
-    async fn process(&mut self, batch: Vec<OwnedMessage>) -> anyhow::Result<()> {
+    async fn process(&mut self, batch: &[Work]) -> anyhow::Result<()> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.transact(&batch).await {
+            match self.transact(batch).await {
                 Ok((staged, results)) => {
                     self.aggregates.extend(staged);
                     for (result, idempotent) in results {
-                        self.shared.waiters.complete(&result);
+                        self.shared.local.complete(&result);
                         if idempotent {
                             self.seen.insert(result, self.shared.dedup_window);
                         }
@@ -184,19 +257,24 @@ impl<A: CommandStream> PartitionWorker<A> {
     #[allow(clippy::type_complexity)]
     async fn transact(
         &self,
-        batch: &[OwnedMessage],
+        batch: &[Work],
     ) -> anyhow::Result<(HashMap<String, Slot<A>>, Vec<(CommandResult, bool)>)> {
         let topics = &self.shared.topics;
-        let events_topic = topics.events(A::STREAM);
         self.producer.begin().await?;
-        let mut staged: HashMap<String, Slot<A>> = HashMap::new();
-        let mut pending = Vec::with_capacity(batch.len());
-        let mut event_sends = Vec::new();
+        let mut txn = Txn::default();
         let mut other_sends = Vec::new();
-        let mut in_batch = std::collections::HashSet::new();
         let now = Utc::now();
 
-        for message in batch {
+        let mut last_consumed = None;
+        for work in batch {
+            let message = match work {
+                Work::Direct(envelope) => {
+                    self.decide(envelope, false, &mut txn, now).await?;
+                    continue;
+                }
+                Work::Consumed(message) => message,
+            };
+            last_consumed = last_consumed.max(Some(message.offset()));
             let envelope: CommandEnvelope = match message.payload().map(serde_json::from_slice) {
                 Some(Ok(envelope)) => envelope,
                 other => {
@@ -209,104 +287,24 @@ impl<A: CommandStream> PartitionWorker<A> {
                     continue;
                 }
             };
-            if !in_batch.insert(envelope.command_id) {
-                // The same command twice in one batch: the first's outcome answers both.
-                continue;
-            }
-            if let Some(previous) = self.seen.results.get(&envelope.command_id) {
-                pending.push(Pending {
-                    command_id: envelope.command_id,
-                    idempotent: false,
-                    outcome: Outcome::Done(previous.clone()),
-                });
-                continue;
-            }
-            let id = envelope.aggregate_id.clone();
-            let slot = staged
-                .get(&id)
-                .or_else(|| self.aggregates.get(&id))
-                .cloned()
-                .unwrap_or_default();
-            let rejected = |error: api::ApiError| {
-                Outcome::Done(CommandResult {
-                    command_id: envelope.command_id,
-                    status: error.status.as_u16(),
-                    body: error.body(),
-                    idempotent: envelope.idempotent,
-                })
-            };
-            let outcome = match (
-                envelope.expected_version,
-                serde_json::from_value::<A::Command>(envelope.command.clone()),
-            ) {
-                (Some(expected), _) if expected != slot.version => {
-                    rejected(version_conflict(expected, slot.version))
-                }
-                (_, Err(e)) => rejected(api::ApiError::malformed(format!(
-                    "not a {} command: {e}",
-                    A::STREAM
-                ))),
-                (_, Ok(command)) => {
-                    let mut state = slot.state.clone();
-                    let sink = EventSink::default();
-                    match state.handle(command, &(), &sink).await {
-                        Err(e) => rejected(A::rejection(&e)),
-                        Ok(()) => {
-                            let events = sink.collect().await;
-                            let metadata = EventMetadata {
-                                command_id: Some(envelope.command_id.to_string()),
-                                correlation_id: envelope.correlation_id.clone(),
-                                causation_id: Some(envelope.command_id.to_string()),
-                                actor: envelope.actor.clone(),
-                                traceparent: envelope.traceparent.clone(),
-                            };
-                            let mut version = slot.version;
-                            for event in &events {
-                                version += 1;
-                                let record = EventEnvelope::wrap::<A>(
-                                    &id,
-                                    version,
-                                    event,
-                                    metadata.clone(),
-                                    now,
-                                )?;
-                                let payload = serde_json::to_vec(&record)?;
-                                event_sends.push(self.producer.send(
-                                    &events_topic,
-                                    self.partition,
-                                    &id,
-                                    &payload,
-                                    record.kafka_headers(),
-                                )?);
-                            }
-                            staged.insert(id.clone(), Slot { state, version });
-                            Outcome::Accepted {
-                                aggregate_id: id.clone(),
-                                version,
-                                created: slot.version == 0,
-                                last_event: event_sends.len().saturating_sub(1),
-                            }
-                        }
-                    }
-                }
-            };
-            pending.push(Pending {
-                command_id: envelope.command_id,
-                idempotent: envelope.idempotent,
-                outcome,
-            });
+            self.decide(&envelope, true, &mut txn, now).await?;
         }
 
         // Results carry the events' offsets (the consistency token), so the events'
         // deliveries are awaited first; all of it still commits or aborts as one.
-        let mut offsets = Vec::with_capacity(event_sends.len());
-        for send in event_sends {
-            match send.await {
-                Ok(Ok(delivery)) => offsets.push(delivery.offset),
-                Ok(Err((err, _))) => return Err(err.into()),
-                Err(_) => return Err(KafkaError::Canceled.into()),
-            }
-        }
+        let Txn {
+            staged,
+            pending,
+            event_sends,
+            ..
+        } = txn;
+        let offsets: Vec<i64> = self
+            .producer
+            .flush(event_sends)
+            .await?
+            .into_iter()
+            .map(|(_, offset)| offset)
+            .collect();
         let mut results = Vec::with_capacity(pending.len());
         for p in pending {
             let result = match p.outcome {
@@ -334,42 +332,144 @@ impl<A: CommandStream> PartitionWorker<A> {
             };
             let payload = serde_json::to_vec(&result)?;
             let key = result.command_id.to_string();
-            other_sends.push(self.producer.send(
-                &topics.command_results(),
-                self.partition,
-                &key,
-                &payload,
-                OwnedHeaders::new(),
-            )?);
+            // A remote request waits on the results topic; a keyed outcome is reloaded from
+            // it by the next owner. A direct, unkeyed command needs neither.
+            if p.remote || p.idempotent {
+                other_sends.push(self.producer.send(
+                    &topics.command_results(),
+                    self.partition,
+                    &key,
+                    &payload,
+                    OwnedHeaders::new(),
+                )?);
+            }
             results.push((result, p.idempotent));
         }
 
-        let last = batch
-            .iter()
-            .map(|m| m.offset())
-            .max()
-            .context("empty batch")?;
-        let mut consumed = TopicPartitionList::new();
-        consumed.add_partition_offset(
-            &topics.commands(A::STREAM),
-            self.partition,
-            Offset::Offset(last + 1),
-        )?;
-        let group = self
-            .shared
-            .consumer
-            .group_metadata()
-            .context("no consumer group metadata")?;
-        self.producer.send_offsets(consumed, group).await?;
-        self.producer.commit(other_sends).await?;
+        if let Some(last) = last_consumed {
+            let mut consumed = TopicPartitionList::new();
+            consumed.add_partition_offset(
+                &topics.commands(A::STREAM),
+                self.partition,
+                Offset::Offset(last + 1),
+            )?;
+            let group = self
+                .shared
+                .consumer
+                .group_metadata()
+                .context("no consumer group metadata")?;
+            self.producer.send_offsets(consumed, group).await?;
+        }
+        self.producer
+            .commit(other_sends)
+            .await
+            .context(CommitUncertain)?;
         Ok((staged, results))
     }
 
-    fn dead_letter(
+    /// Decides one command inside the open transaction: its events are sent, its
+    /// aggregate staged and its outcome added to the transaction's pending outcomes.
+    async fn decide(
         &self,
-        message: &OwnedMessage,
-        error: &str,
-    ) -> anyhow::Result<eventlog::rdkafka::producer::DeliveryFuture> {
+        envelope: &CommandEnvelope,
+        remote: bool,
+        txn: &mut Txn<A>,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<()> {
+        let events_topic = self.shared.topics.events(A::STREAM);
+        if !txn.in_batch.insert(envelope.command_id) {
+            // The same command twice in one batch: the first's outcome answers both.
+            return Ok(());
+        }
+        if let Some(previous) = self.seen.results.get(&envelope.command_id) {
+            txn.pending.push(Pending {
+                command_id: envelope.command_id,
+                idempotent: false,
+                remote,
+                outcome: Outcome::Done(previous.clone()),
+            });
+            return Ok(());
+        }
+        let id = envelope.aggregate_id.clone();
+        let slot = txn
+            .staged
+            .get(&id)
+            .or_else(|| self.aggregates.get(&id))
+            .cloned()
+            .unwrap_or_default();
+        let rejected = |error: api::ApiError| {
+            Outcome::Done(CommandResult {
+                command_id: envelope.command_id,
+                status: error.status.as_u16(),
+                body: error.body(),
+                idempotent: envelope.idempotent,
+            })
+        };
+        let outcome = match (
+            envelope.expected_version,
+            serde_json::from_value::<A::Command>(envelope.command.clone()),
+        ) {
+            (Some(expected), _) if expected != slot.version => {
+                rejected(version_conflict(expected, slot.version))
+            }
+            (_, Err(e)) => rejected(api::ApiError::malformed(format!(
+                "not a {} command: {e}",
+                A::STREAM
+            ))),
+            (_, Ok(command)) => {
+                let mut state = slot.state.clone();
+                let sink = EventSink::default();
+                match state.handle(command, &(), &sink).await {
+                    Err(e) => rejected(A::rejection(&e)),
+                    Ok(()) => {
+                        let events = sink.collect().await;
+                        let metadata = EventMetadata {
+                            command_id: Some(envelope.command_id.to_string()),
+                            correlation_id: envelope.correlation_id.clone(),
+                            causation_id: Some(envelope.command_id.to_string()),
+                            actor: envelope.actor.clone(),
+                            traceparent: envelope.traceparent.clone(),
+                        };
+                        let mut version = slot.version;
+                        for event in &events {
+                            version += 1;
+                            let record = EventEnvelope::wrap::<A>(
+                                &id,
+                                version,
+                                event,
+                                metadata.clone(),
+                                now,
+                            )?;
+                            let payload = serde_json::to_vec(&record)?;
+                            txn.event_sends.push(self.producer.send(
+                                &events_topic,
+                                self.partition,
+                                &id,
+                                &payload,
+                                record.kafka_headers(),
+                            )?);
+                        }
+                        txn.staged.insert(id.clone(), Slot { state, version });
+                        Outcome::Accepted {
+                            aggregate_id: id.clone(),
+                            version,
+                            created: slot.version == 0,
+                            last_event: txn.event_sends.len().saturating_sub(1),
+                        }
+                    }
+                }
+            }
+        };
+        txn.pending.push(Pending {
+            command_id: envelope.command_id,
+            idempotent: envelope.idempotent,
+            remote,
+            outcome,
+        });
+        Ok(())
+    }
+
+    fn dead_letter(&self, message: &OwnedMessage, error: &str) -> anyhow::Result<Delivery> {
         let source = format!(
             "{}/{}/{}",
             message.topic(),

@@ -12,7 +12,6 @@ use anyhow::{anyhow, Context};
 use eventlog::rdkafka::consumer::{
     BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use eventlog::rdkafka::message::OwnedMessage;
 use eventlog::rdkafka::{ClientContext, Message, TopicPartitionList};
 use eventlog::{KafkaConfig, Topics};
 use tokio::sync::mpsc;
@@ -20,10 +19,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use crate::local::{Local, Work};
 use crate::metrics::Metrics;
 use crate::partition::PartitionWorker;
 use crate::stream::CommandStream;
-use crate::waiters::Waiters;
 
 /// Commands buffered per partition before the consumer waits.
 const PARTITION_BUFFER: usize = 4_096;
@@ -41,7 +40,7 @@ pub(crate) struct Shared {
     pub kafka: KafkaConfig,
     pub topics: Topics,
     pub consumer: StreamConsumer<Rebalances>,
-    pub waiters: Waiters,
+    pub local: Local,
     pub dedup_window: Duration,
     pub metrics: Metrics,
     /// Partitions assigned but not yet rebuilt (readiness waits for 0).
@@ -107,7 +106,7 @@ pub struct ProcessorStatus {
 /// fatal error (e.g. fenced), which ends it with that error so the caller can restart it.
 pub async fn run<A: CommandStream>(
     config: ProcessorConfig,
-    waiters: Waiters,
+    local: Local,
     status: ProcessorStatus,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -127,7 +126,6 @@ pub async fn run<A: CommandStream>(
         .set("isolation.level", "read_committed")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .set("fetch.wait.max.ms", "5")
         .create_with_context(Rebalances {
             changes: changes_tx,
         })
@@ -139,7 +137,7 @@ pub async fn run<A: CommandStream>(
         kafka: config.kafka.clone(),
         topics,
         consumer,
-        waiters,
+        local,
         dedup_window: config.dedup_window,
         metrics: status.metrics.clone(),
         rebuilding: status.rebuilding.clone(),
@@ -147,7 +145,7 @@ pub async fn run<A: CommandStream>(
     });
     info!(stream = A::STREAM, "command processor started");
 
-    let mut workers: HashMap<i32, mpsc::Sender<OwnedMessage>> = HashMap::new();
+    let mut workers: HashMap<i32, mpsc::Sender<Work>> = HashMap::new();
     let mut tasks: JoinSet<(i32, anyhow::Result<()>)> = JoinSet::new();
     let result = loop {
         tokio::select! {
@@ -169,7 +167,7 @@ pub async fn run<A: CommandStream>(
                 };
                 let partition = message.partition();
                 match workers.get(&partition) {
-                    Some(worker) => if worker.send(message).await.is_err() {
+                    Some(worker) => if worker.send(Work::Consumed(message)).await.is_err() {
                         break Err(anyhow!("partition {partition} worker stopped"));
                     },
                     None => break Err(anyhow!("a command for partition {partition}, which has no worker")),
@@ -188,7 +186,7 @@ pub async fn run<A: CommandStream>(
 fn apply<A: CommandStream>(
     change: Change,
     shared: &Arc<Shared>,
-    workers: &mut HashMap<i32, mpsc::Sender<OwnedMessage>>,
+    workers: &mut HashMap<i32, mpsc::Sender<Work>>,
     tasks: &mut JoinSet<(i32, anyhow::Result<()>)>,
 ) {
     match change {
@@ -196,15 +194,18 @@ fn apply<A: CommandStream>(
             info!(stream = A::STREAM, ?partitions, "partitions assigned");
             for p in partitions {
                 let (tx, rx) = mpsc::channel(PARTITION_BUFFER);
-                workers.insert(p, tx);
+                workers.insert(p, tx.clone());
                 shared.rebuilding.fetch_add(1, Ordering::SeqCst);
                 let shared = shared.clone();
-                tasks.spawn(async move { (p, PartitionWorker::<A>::run(shared, p, rx).await) });
+                let me = tx.clone();
+                tasks.spawn(async move { (p, PartitionWorker::<A>::run(shared, p, rx, me).await) });
             }
         }
         Change::Revoked(partitions) => {
             info!(stream = A::STREAM, ?partitions, "partitions revoked");
             for p in partitions {
+                // Both senders go, so the worker's channel closes and it ends.
+                shared.local.remove_owner(A::STREAM, p);
                 workers.remove(&p);
             }
         }

@@ -24,7 +24,7 @@ pub use envelope::{headers, EventEnvelope, EventMetadata};
 pub use partitioner::{murmur2, partition_for};
 pub use reader::{offset_for_time, read_partition, watermarks};
 pub use topics::{check_connection, ensure_topics, TopicSpec, Topics};
-pub use txn::{classify, TxnErrorKind, TxnProducer};
+pub use txn::{classify, Delivery, Landed, TxnErrorKind, TxnProducer};
 
 /// Re-exported so dependants use the same rdkafka as this crate.
 pub use rdkafka;

@@ -35,9 +35,21 @@ pub async fn watermarks(
         .context("creating a consumer")?;
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
-        consumer
-            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
-            .with_context(|| format!("fetching watermarks of {topic}/{partition}"))
+        // A topic created a moment ago may not have a leader yet: retry for a while.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            match consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10)) {
+                Ok(marks) => return Ok(marks),
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(%topic, partition, error = %e, "watermarks not available yet");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("fetching watermarks of {topic}/{partition}"))
+                }
+            }
+        }
     })
     .await?
 }

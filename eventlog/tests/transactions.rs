@@ -27,11 +27,7 @@ async fn one_topic(config: &KafkaConfig, name: &str) -> String {
     topic
 }
 
-async fn send_all(
-    producer: &TxnProducer,
-    topic: &str,
-    values: &[&str],
-) -> Vec<eventlog::rdkafka::producer::DeliveryFuture> {
+async fn send_all(producer: &TxnProducer, topic: &str, values: &[&str]) -> Vec<eventlog::Delivery> {
     values
         .iter()
         .map(|v| {
@@ -86,9 +82,7 @@ async fn an_aborted_transaction_is_never_read_and_a_committed_one_is_read_exactl
 
     producer.begin().await.unwrap();
     let deliveries = send_all(&producer, &topic, &["aborted-1", "aborted-2", "aborted-3"]).await;
-    for d in deliveries {
-        d.await.unwrap().unwrap(); // written to the log before the abort
-    }
+    producer.flush(deliveries).await.unwrap(); // written to the log before the abort
     producer.abort().await.unwrap();
 
     producer.begin().await.unwrap();

@@ -1,0 +1,192 @@
+//! `tally-bench`: drives a running Tally with workload orders-v1 and prints one JSON line.
+//!
+//! orders-v1: C virtual clients, each looping: create an order with 2 lines, add 2 lines,
+//! place it; every 20th order also sends one invalid command (a line added after place)
+//! that must be refused with 422. Every command's latency is measured.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use serde_json::json;
+
+/// Load generator for Tally.
+#[derive(Debug, Parser)]
+#[command(name = "tally-bench")]
+struct Args {
+    /// Base URL of the Tally API.
+    #[arg(long, env = "TALLY_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Virtual clients.
+    #[arg(long, short = 'c', default_value_t = 64)]
+    clients: usize,
+    /// How long to run, in seconds (after a 2 s warm-up that is not counted).
+    #[arg(long, default_value_t = 20)]
+    duration_secs: u64,
+    /// The workload; only `orders-v1` so far.
+    #[arg(long, default_value = "orders-v1")]
+    workload: String,
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    errors: u64,
+    rejected_ok: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.workload == "orders-v1",
+        "unknown workload {}; try orders-v1",
+        args.workload
+    );
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.clients)
+        .build()?;
+    http.get(format!("{}/readyz", args.url))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .with_context(|| format!("{} is not ready; start it with scripts/run", args.url))?;
+
+    let before = scrape(&http, &args.url).await;
+    let warmup = Instant::now() + Duration::from_secs(2);
+    let stop = warmup + Duration::from_secs(args.duration_secs);
+    let orders = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..args.clients {
+        let (http, url, orders) = (http.clone(), args.url.clone(), orders.clone());
+        clients.push(tokio::spawn(async move {
+            client(http, url, orders, warmup, stop).await
+        }));
+    }
+    let mut total = Tally::default();
+    for c in clients {
+        let t = c.await?;
+        total.latencies_us.extend(t.latencies_us);
+        total.errors += t.errors;
+        total.rejected_ok += t.rejected_ok;
+    }
+    let after = scrape(&http, &args.url).await;
+    total.latencies_us.sort_unstable();
+    let pct = |p: f64| {
+        let l = &total.latencies_us;
+        if l.is_empty() {
+            0.0
+        } else {
+            l[((l.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
+        }
+    };
+    let commands = total.latencies_us.len() as f64;
+    let per_txn = match (before, after) {
+        (Some((c0, t0)), Some((c1, t1))) if t1 > t0 => {
+            Some(((c1 - c0) / (t1 - t0) * 10.0).round() / 10.0)
+        }
+        _ => None,
+    };
+    println!(
+        "{}",
+        json!({
+            "workload": args.workload,
+            "clients": args.clients,
+            "duration_s": args.duration_secs,
+            "commands": commands as u64,
+            "commands_per_s": (commands / args.duration_secs as f64).round(),
+            "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
+            "errors": total.errors,
+            "rejected_ok": total.rejected_ok,
+            "commands_per_txn": per_txn,
+        })
+    );
+    Ok(())
+}
+
+/// One virtual client's loop.
+async fn client(
+    http: reqwest::Client,
+    url: String,
+    orders: Arc<AtomicU64>,
+    warmup: Instant,
+    stop: Instant,
+) -> Tally {
+    let mut tally = Tally::default();
+    while Instant::now() < stop {
+        let n = orders.fetch_add(1, Ordering::Relaxed);
+        let id = uuid::Uuid::new_v4();
+        let line = |sku: String| json!({ "sku": sku, "quantity": 1 + n % 5, "unit_price_cents": 100 + n % 900 });
+        let mut steps = vec![
+            (
+                format!("{url}/v1/orders"),
+                json!({ "order_id": id, "customer_id": format!("c{}", n % 1000), "lines": [line(format!("S{}", n % 97)), line(format!("T{}", n % 89))] }),
+                201,
+            ),
+            (
+                format!("{url}/v1/orders/{id}/lines"),
+                line(format!("U{}", n % 83)),
+                200,
+            ),
+            (
+                format!("{url}/v1/orders/{id}/lines"),
+                line(format!("V{}", n % 79)),
+                200,
+            ),
+            (format!("{url}/v1/orders/{id}/place"), json!({}), 200),
+        ];
+        if n % 20 == 19 {
+            steps.push((
+                format!("{url}/v1/orders/{id}/lines"),
+                line("LATE".into()),
+                422,
+            ));
+        }
+        for (target, body, expected) in steps {
+            let started = Instant::now();
+            let status = http
+                .post(&target)
+                .json(&body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16());
+            let elapsed = started.elapsed();
+            if started < warmup {
+                continue;
+            }
+            tally
+                .latencies_us
+                .push(elapsed.as_micros().min(u32::MAX as u128) as u32);
+            match status {
+                Ok(s) if s == expected && s == 422 => tally.rejected_ok += 1,
+                Ok(s) if s == expected => {}
+                _ => tally.errors += 1,
+            }
+        }
+    }
+    tally
+}
+
+/// Sums of `tally_commands_total` and `tally_command_transactions_total` from /metrics.
+async fn scrape(http: &reqwest::Client, url: &str) -> Option<(f64, f64)> {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let sum = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    Some((
+        sum("tally_commands_total"),
+        sum("tally_command_transactions_total"),
+    ))
+}
