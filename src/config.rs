@@ -38,7 +38,7 @@ pub struct CommonArgs {
     #[arg(long, env = "TALLY_TOPIC_PREFIX", default_value = "tally")]
     pub topic_prefix: String,
     /// Partitions of each event and command topic; fixed once the topics exist.
-    #[arg(long, env = "TALLY_PARTITIONS", default_value_t = 8, value_parser = clap::value_parser!(i32).range(1..=1024))]
+    #[arg(long, env = "TALLY_PARTITIONS", default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=1024))]
     pub partitions: i32,
     /// Replication factor of topics Tally creates (3 in production).
     #[arg(long, env = "TALLY_REPLICATION_FACTOR", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=16))]
@@ -157,7 +157,7 @@ mod tests {
             panic!("not serve")
         };
         assert_eq!(args.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(args.common.kafka().partitions, 8);
+        assert_eq!(args.common.kafka().partitions, 4);
     }
 
     #[test]

@@ -25,9 +25,13 @@ struct Args {
     /// How long to run, in seconds (after a 2 s warm-up that is not counted).
     #[arg(long, default_value_t = 20)]
     duration_secs: u64,
-    /// The workload; only `orders-v1` so far.
+    /// The workload: `orders-v1`, or `create-only` (one creation per order, to fill the
+    /// processors with aggregates, e.g. to measure their memory).
     #[arg(long, default_value = "orders-v1")]
     workload: String,
+    /// Stop after this many orders (default: run for the duration).
+    #[arg(long)]
+    orders: Option<u64>,
 }
 
 #[derive(Default)]
@@ -41,8 +45,8 @@ struct Tally {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(
-        args.workload == "orders-v1",
-        "unknown workload {}; try orders-v1",
+        ["orders-v1", "create-only"].contains(&args.workload.as_str()),
+        "unknown workload {}; try orders-v1 or create-only",
         args.workload
     );
     let http = reqwest::Client::builder()
@@ -55,17 +59,25 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("{} is not ready; start it with scripts/run", args.url))?;
 
     let before = scrape(&http, &args.url).await;
-    let warmup = Instant::now() + Duration::from_secs(2);
+    // A run bounded by --orders counts from the start; a timed run skips a 2 s warm-up.
+    let warmup = Instant::now() + Duration::from_secs(if args.orders.is_some() { 0 } else { 2 });
     let stop = warmup + Duration::from_secs(args.duration_secs);
     let orders = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for _ in 0..args.clients {
         let (http, url, orders) = (http.clone(), args.url.clone(), orders.clone());
+        let plan = Plan {
+            create_only: args.workload == "create-only",
+            limit: args.orders.unwrap_or(u64::MAX),
+            warmup,
+            stop,
+        };
         clients.push(tokio::spawn(async move {
-            client(http, url, orders, warmup, stop).await
+            client(http, url, orders, plan).await
         }));
     }
     let mut total = Tally::default();
+    let started = Instant::now().max(warmup);
     for c in clients {
         let t = c.await?;
         total.latencies_us.extend(t.latencies_us);
@@ -83,6 +95,10 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let commands = total.latencies_us.len() as f64;
+    let elapsed = match args.orders {
+        Some(_) => Instant::now().duration_since(started).as_secs_f64(),
+        None => args.duration_secs as f64,
+    };
     let per_txn = match (before, after) {
         (Some((c0, t0)), Some((c1, t1))) if t1 > t0 => {
             Some(((c1 - c0) / (t1 - t0) * 10.0).round() / 10.0)
@@ -94,9 +110,9 @@ async fn main() -> anyhow::Result<()> {
         json!({
             "workload": args.workload,
             "clients": args.clients,
-            "duration_s": args.duration_secs,
+            "duration_s": (elapsed * 10.0).round() / 10.0,
             "commands": commands as u64,
-            "commands_per_s": (commands / args.duration_secs as f64).round(),
+            "commands_per_s": (commands / elapsed).round(),
             "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
             "errors": total.errors,
             "rejected_ok": total.rejected_ok,
@@ -106,17 +122,29 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One virtual client's loop.
-async fn client(
-    http: reqwest::Client,
-    url: String,
-    orders: Arc<AtomicU64>,
+/// What a client does and until when.
+#[derive(Clone, Copy)]
+struct Plan {
+    create_only: bool,
+    limit: u64,
     warmup: Instant,
     stop: Instant,
-) -> Tally {
+}
+
+/// One virtual client's loop.
+async fn client(http: reqwest::Client, url: String, orders: Arc<AtomicU64>, plan: Plan) -> Tally {
+    let Plan {
+        create_only,
+        limit,
+        warmup,
+        stop,
+    } = plan;
     let mut tally = Tally::default();
-    while Instant::now() < stop {
+    while Instant::now() < stop || limit < u64::MAX {
         let n = orders.fetch_add(1, Ordering::Relaxed);
+        if n >= limit {
+            break;
+        }
         let id = uuid::Uuid::new_v4();
         let line = |sku: String| json!({ "sku": sku, "quantity": 1 + n % 5, "unit_price_cents": 100 + n % 900 });
         let mut steps = vec![
@@ -137,7 +165,9 @@ async fn client(
             ),
             (format!("{url}/v1/orders/{id}/place"), json!({}), 200),
         ];
-        if n % 20 == 19 {
+        if create_only {
+            steps.truncate(1);
+        } else if n % 20 == 19 {
             steps.push((
                 format!("{url}/v1/orders/{id}/lines"),
                 line("LATE".into()),

@@ -18,12 +18,12 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
-    /// A config for local development: one broker, prefix `tally`, 8 partitions.
+    /// A config for local development: one broker, prefix `tally`, 4 partitions.
     pub fn local(brokers: impl Into<String>) -> Self {
         Self {
             brokers: brokers.into(),
             topic_prefix: "tally".into(),
-            partitions: 8,
+            partitions: 4,
             replication_factor: 1,
             properties: Vec::new(),
         }

@@ -106,8 +106,9 @@ impl TxnProducer {
     }
 
     /// Starts a transaction.
+    /// (`begin_transaction` only changes local state: it does not block, so it runs here.)
     pub async fn begin(&self) -> KafkaResult<()> {
-        self.blocking(|p, _| p.begin_transaction()).await
+        self.producer.begin_transaction()
     }
 
     /// Queues one record in the open transaction.
