@@ -22,6 +22,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Create the topics and run the migrations, then exit (for deploy pipelines).
     Init(CommonArgs),
+    /// Rebuild one read model from offset 0 into new tables and swap them in, with a
+    /// progress bar. Queries keep being served from the old tables meanwhile.
+    Replay(ReplayArgs),
 }
 
 /// Settings every command needs: where Kafka and PostgreSQL are, and logging.
@@ -73,6 +76,15 @@ pub struct ServeArgs {
     pub run: RunArgs,
 }
 
+/// `tally replay` settings.
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// The projection: orders, inventory, accounts or journal.
+    pub projection: String,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
 /// What this process does, and how long it waits.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
@@ -102,6 +114,8 @@ pub enum Role {
     Api,
     /// The command processors (write side).
     Commands,
+    /// The projectors (read side).
+    Projections,
 }
 
 /// How log lines are written.

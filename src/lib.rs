@@ -8,6 +8,7 @@
 pub mod config;
 mod ops;
 pub mod readiness;
+pub mod replay;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -143,6 +144,21 @@ pub async fn run(
     }
     state.readiness.processors = statuses.clone();
 
+    let progress = projections::Progress::default();
+    let admin = if settings.roles.contains(&Role::Projections) {
+        let projectors = projections::Projectors::new(
+            state.kafka.clone(),
+            state.pool.clone(),
+            progress.clone(),
+        )?;
+        Some(projections::admin::Admin::start(
+            projectors,
+            shutdown.clone(),
+        ))
+    } else {
+        None
+    };
+
     if settings.roles.contains(&Role::Api) {
         let listener = listener.context("the api role needs a listener")?;
         commands::start_results_listener(&state.kafka, local.clone(), shutdown.clone()).await?;
@@ -155,7 +171,21 @@ pub async fn run(
             bus,
             pool: state.pool.clone(),
         };
-        let app = router(state, statuses, commands);
+        tokio::spawn(
+            progress
+                .clone()
+                .listen(state.pool.clone(), shutdown.clone()),
+        );
+        let queries = projections::http::QueryApi {
+            pool: state.pool.clone(),
+            progress,
+            topics: Topics::new(&state.kafka.topic_prefix),
+        };
+        let mut routes = commands::http::routes(commands).merge(projections::http::routes(queries));
+        if let Some(admin) = admin {
+            routes = routes.merge(projections::admin::routes(admin));
+        }
+        let app = router(state, statuses, routes);
         info!(addr = %listener.local_addr()?, roles = ?settings.roles, "serving the HTTP API");
         let stop = shutdown.clone();
         axum::serve(listener, app)
@@ -204,16 +234,17 @@ fn spawn_processor<A: CommandStream>(
 
 /// The HTTP API: every route, the correlation id in and out, request tracing, and the
 /// API.md error shape for unknown routes.
+/// `routes` are the command, query and admin routes this process serves.
 pub fn router(
     state: AppState,
     processors: Vec<(&'static str, ProcessorStatus)>,
-    commands: commands::http::CommandApi,
+    routes: Router,
 ) -> Router {
     Router::new()
         .route("/healthz", get(readiness::healthz))
         .route("/readyz", get(readiness::readyz).with_state(state.readiness.clone()))
         .route("/metrics", get(ops::metrics).with_state(processors))
-        .merge(commands::http::routes(commands))
+        .merge(routes)
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")

@@ -37,6 +37,10 @@ async fn main() -> anyhow::Result<()> {
             init_logging(common.log_format);
             tally::prepare(&common).await.map(|_| ())
         }
+        Command::Replay(args) => {
+            init_logging(args.common.log_format);
+            tally::replay::run(&args).await
+        }
     }
 }
 

@@ -7,15 +7,15 @@ use std::net::SocketAddr;
 use serde_json::Value;
 use tally::config::CommonArgs;
 
-fn common_args() -> CommonArgs {
-    common::args(&common::new_prefix(), 2, "api").0
+async fn common_args() -> CommonArgs {
+    common::args(&common::new_prefix(), 2, "api").await.0
 }
 
 /// Serves the API role only (no processors) and answers its address.
 async fn start(state: tally::AppState) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let run = common::args("unused", 2, "api").1;
+    let run = common::args("unused", 2, "api").await.1;
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(tally::run(Some(listener), state, run, shutdown));
     addr
@@ -23,7 +23,7 @@ async fn start(state: tally::AppState) -> SocketAddr {
 
 #[tokio::test]
 async fn a_started_app_is_healthy_and_ready_and_has_created_its_topics() {
-    let common = common_args();
+    let common = common_args().await;
     let state = tally::prepare(&common).await.unwrap();
     let addr = start(state.clone()).await;
     let http = reqwest::Client::new();
@@ -54,7 +54,7 @@ async fn a_started_app_is_healthy_and_ready_and_has_created_its_topics() {
 
 #[tokio::test]
 async fn prepare_twice_is_harmless_and_a_partition_mismatch_is_refused() {
-    let mut common = common_args();
+    let mut common = common_args().await;
     tally::prepare(&common).await.unwrap();
     tally::prepare(&common).await.unwrap();
     common.partitions = 3;
@@ -67,7 +67,7 @@ async fn prepare_twice_is_harmless_and_a_partition_mismatch_is_refused() {
 
 #[tokio::test]
 async fn readiness_is_503_in_the_error_shape_when_postgres_is_unreachable() {
-    let mut state = tally::prepare(&common_args()).await.unwrap();
+    let mut state = tally::prepare(&common_args().await).await.unwrap();
     // Nothing listens on port 1: the pool can never connect.
     state.readiness.pool = sqlx::postgres::PgPoolOptions::new()
         .acquire_timeout(std::time::Duration::from_millis(500))
@@ -84,7 +84,7 @@ async fn readiness_is_503_in_the_error_shape_when_postgres_is_unreachable() {
 
 #[tokio::test]
 async fn every_response_carries_a_correlation_id_and_unknown_routes_get_the_error_shape() {
-    let addr = start(tally::prepare(&common_args()).await.unwrap()).await;
+    let addr = start(tally::prepare(&common_args().await).await.unwrap()).await;
     let http = reqwest::Client::new();
 
     let echoed = http

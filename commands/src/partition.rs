@@ -25,7 +25,8 @@ use uuid::Uuid;
 use crate::local::Work;
 use crate::processor::Shared;
 use crate::stream::{version_conflict, CommandStream};
-use crate::wire::{CommandEnvelope, CommandResult, ConsistencyToken, Position};
+use crate::wire::{CommandEnvelope, CommandResult};
+use eventlog::{ConsistencyToken, Position};
 
 /// Most commands in one transaction.
 const MAX_BATCH: usize = 1_000;

@@ -16,6 +16,7 @@ mod config;
 mod envelope;
 mod partitioner;
 mod reader;
+mod token;
 mod topics;
 mod txn;
 
@@ -23,6 +24,7 @@ pub use config::KafkaConfig;
 pub use envelope::{headers, EventEnvelope, EventMetadata};
 pub use partitioner::{murmur2, partition_for};
 pub use reader::{offset_for_time, read_partition, watermarks};
+pub use token::{ConsistencyToken, Position};
 pub use topics::{check_connection, ensure_topics, TopicSpec, Topics};
 pub use txn::{classify, Delivery, Landed, TxnErrorKind, TxnProducer};
 

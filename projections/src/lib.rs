@@ -1,14 +1,36 @@
-//! Tally's read side: projector workers that fold the event topics into PostgreSQL read
-//! models, the query routes over them, and replay (DESIGN.md §5).
+//! Tally's read side (DESIGN.md §5): projector workers that fold the event topics into
+//! PostgreSQL read models, the query routes over them, read-your-writes, and replay.
 //!
-//! So far it owns the database: [`connect`] and [`migrate`], which applies the read-model
-//! SQL in `schemas/migrations/` (embedded in the binary at build time).
+//! - [`Kind`]: the projections — `orders`, `inventory`, `accounts` and the event
+//!   `journal` — each with its streams, tables and batch `apply` (which folds events with
+//!   the aggregates' own `apply`, so a view can never disagree with the write side).
+//! - [`runner::run`]: a projector. Each batch of records is ONE database transaction with
+//!   the projection's checkpoints, so its effects are exactly-once.
+//! - [`Progress`]: how far each projection has got, so queries carrying a consistency
+//!   token wait for it without polling the database.
+//! - [`http::routes`]: the query routes; [`admin`]: status, lag and replay.
+
+mod accounts;
+pub mod admin;
+pub mod http;
+mod inventory;
+mod journal;
+mod kinds;
+mod orders;
+mod progress;
+pub mod replay;
+pub mod runner;
 
 use std::time::Duration;
 
 use anyhow::Context;
+use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+pub use kinds::{Kind, Record};
+pub use progress::Progress;
+pub use runner::{Projectors, Target};
 
 /// The read-model migrations, embedded from `schemas/migrations/`.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../schemas/migrations");
@@ -32,4 +54,9 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .run(pool)
         .await
         .context("running read-model migrations")
+}
+
+/// RFC 3339 in UTC with microseconds, as every timestamp of the API.
+pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }

@@ -18,12 +18,41 @@ pub fn new_prefix() -> String {
     format!("test-{}", uuid::Uuid::new_v4().simple())
 }
 
-/// Settings from the environment scripts/test exports, for `prefix`.
-pub fn args(prefix: &str, partitions: u32, roles: &str) -> (CommonArgs, RunArgs) {
+/// A database of its own for `prefix` (created on first use), so read models of tests
+/// never meet; answers its URL.
+pub async fn database_for(prefix: &str) -> String {
+    use sqlx::Connection;
+    let base = std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL must point at a running PostgreSQL (scripts/test sets it)");
+    let name = format!("t_{}", prefix.replace('-', "_"));
+    let mut admin = sqlx::PgConnection::connect(&base)
+        .await
+        .expect("connecting to DATABASE_URL");
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&name)
+        .fetch_optional(&mut admin)
+        .await
+        .unwrap();
+    if exists.is_none() {
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    let (server, _) = base
+        .rsplit_once('/')
+        .expect("DATABASE_URL ends in /<database>");
+    format!("{server}/{name}")
+}
+
+/// Settings from the environment scripts/test exports, for `prefix`, with a database of
+/// its own.
+pub async fn args(prefix: &str, partitions: u32, roles: &str) -> (CommonArgs, RunArgs) {
     assert!(
         std::env::var_os("TALLY_KAFKA_BROKERS").is_some() && std::env::var_os("DATABASE_URL").is_some(),
         "TALLY_KAFKA_BROKERS and DATABASE_URL must point at running services (scripts/test sets them)"
     );
+    let database = database_for(prefix).await;
     let partitions = partitions.to_string();
     let cli = Cli::try_parse_from([
         "tally",
@@ -36,6 +65,8 @@ pub fn args(prefix: &str, partitions: u32, roles: &str) -> (CommonArgs, RunArgs)
         roles,
         "--command-timeout-secs",
         "20",
+        "--database-url",
+        &database,
     ])
     .unwrap();
     let Command::Serve(serve) = cli.command else {
@@ -55,7 +86,7 @@ pub struct TestApp {
 impl TestApp {
     /// Starts every role, and waits until it is ready.
     pub async fn start(prefix: &str) -> Self {
-        Self::start_with(prefix, 2, "api,commands").await
+        Self::start_with(prefix, 2, "api,commands,projections").await
     }
 
     pub async fn start_with(prefix: &str, partitions: u32, roles: &str) -> Self {
@@ -64,7 +95,7 @@ impl TestApp {
             .with_env_filter(filter)
             .with_test_writer()
             .try_init();
-        let (common, run) = args(prefix, partitions, roles);
+        let (common, run) = args(prefix, partitions, roles).await;
         let state = tally::prepare(&common).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -166,4 +197,47 @@ pub fn order_body(customer: &str, lines: &[(&str, i64, i64)]) -> Value {
         .map(|(sku, q, p)| serde_json::json!({ "sku": sku, "quantity": q, "unit_price_cents": p }))
         .collect();
     serde_json::json!({ "customer_id": customer, "lines": lines })
+}
+
+impl TestApp {
+    /// GETs `path` with extra headers; answers status, ETag and JSON body.
+    pub async fn get(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Option<String>, Value) {
+        let mut request = self.http.get(self.url(path));
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let etag = response
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        (status, etag, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls `GET path` until `done` holds for its body, with a deadline.
+    pub async fn eventually(
+        &self,
+        path: &str,
+        limit: std::time::Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let (_, _, body) = self.get(path, &[]).await;
+            if done(&body) {
+                return body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "GET {path} never satisfied the condition: {body}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
 }
