@@ -89,13 +89,14 @@ pub struct ReplayArgs {
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Roles this process plays, comma-separated: `api` serves HTTP, `commands` runs the
-    /// command processors. More processes with `commands` split the partitions.
+    /// command processors, `projections` the projectors. More processes with `commands`
+    /// split the partitions.
     #[arg(
         long,
         env = "TALLY_ROLES",
         value_enum,
         value_delimiter = ',',
-        default_value = "api,commands"
+        default_value = "api,commands,projections"
     )]
     pub roles: Vec<Role>,
     /// How long a command request waits for its outcome before answering 503, in seconds.

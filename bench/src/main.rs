@@ -2,7 +2,12 @@
 //!
 //! orders-v1: C virtual clients, each looping: create an order with 2 lines, add 2 lines,
 //! place it; every 20th order also sends one invalid command (a line added after place)
-//! that must be refused with 422. Every command's latency is measured.
+//! that must be refused with 422. Every command's latency is measured, and for every 10th
+//! order the freshness of the read side: from the place's answer until a plain GET (no
+//! token) shows the placed order.
+//!
+//! `--workload seed-events --events N` instead writes N order events straight to Kafka
+//! (orders of 10 events each), for measuring `tally replay orders`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,6 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use serde_json::json;
+
+mod seed;
 
 /// Load generator for Tally.
 #[derive(Debug, Parser)]
@@ -32,6 +39,18 @@ struct Args {
     /// Stop after this many orders (default: run for the duration).
     #[arg(long)]
     orders: Option<u64>,
+    /// seed-events: how many events to write.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// seed-events: Kafka bootstrap servers.
+    #[arg(long, env = "TALLY_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
+    kafka_brokers: String,
+    /// seed-events: topic prefix of the Tally to seed.
+    #[arg(long, env = "TALLY_TOPIC_PREFIX", default_value = "tally")]
+    topic_prefix: String,
+    /// seed-events: partitions of its topics.
+    #[arg(long, env = "TALLY_PARTITIONS", default_value_t = 4)]
+    partitions: i32,
 }
 
 #[derive(Default)]
@@ -41,12 +60,24 @@ struct Tally {
     rejected_ok: u64,
 }
 
+/// Milliseconds from a command's answer until a plain query shows its effect.
+type Freshness = Arc<std::sync::Mutex<Vec<f64>>>;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.workload == "seed-events" {
+        return seed::run(
+            &args.kafka_brokers,
+            &args.topic_prefix,
+            args.partitions,
+            args.events,
+        )
+        .await;
+    }
     anyhow::ensure!(
         ["orders-v1", "create-only"].contains(&args.workload.as_str()),
-        "unknown workload {}; try orders-v1 or create-only",
+        "unknown workload {}; try orders-v1, create-only or seed-events",
         args.workload
     );
     let http = reqwest::Client::builder()
@@ -63,9 +94,15 @@ async fn main() -> anyhow::Result<()> {
     let warmup = Instant::now() + Duration::from_secs(if args.orders.is_some() { 0 } else { 2 });
     let stop = warmup + Duration::from_secs(args.duration_secs);
     let orders = Arc::new(AtomicU64::new(0));
+    let freshness = Freshness::default();
     let mut clients = Vec::new();
     for _ in 0..args.clients {
-        let (http, url, orders) = (http.clone(), args.url.clone(), orders.clone());
+        let (http, url, orders, fresh) = (
+            http.clone(),
+            args.url.clone(),
+            orders.clone(),
+            freshness.clone(),
+        );
         let plan = Plan {
             create_only: args.workload == "create-only",
             limit: args.orders.unwrap_or(u64::MAX),
@@ -73,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
             stop,
         };
         clients.push(tokio::spawn(async move {
-            client(http, url, orders, plan).await
+            client(http, url, orders, plan, fresh).await
         }));
     }
     let mut total = Tally::default();
@@ -95,6 +132,13 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let commands = total.latencies_us.len() as f64;
+    let mut fresh = freshness.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    fresh.sort_by(f64::total_cmp);
+    let fresh_pct = |p: f64| {
+        fresh
+            .get(((fresh.len().max(1) - 1) as f64 * p).round() as usize)
+            .map(|v| (v * 10.0).round() / 10.0)
+    };
     let elapsed = match args.orders {
         Some(_) => Instant::now().duration_since(started).as_secs_f64(),
         None => args.duration_secs as f64,
@@ -117,6 +161,9 @@ async fn main() -> anyhow::Result<()> {
             "errors": total.errors,
             "rejected_ok": total.rejected_ok,
             "commands_per_txn": per_txn,
+            "freshness_samples": fresh.len(),
+            "freshness_p50_ms": fresh_pct(0.50),
+            "freshness_p99_ms": fresh_pct(0.99),
         })
     );
     Ok(())
@@ -132,7 +179,13 @@ struct Plan {
 }
 
 /// One virtual client's loop.
-async fn client(http: reqwest::Client, url: String, orders: Arc<AtomicU64>, plan: Plan) -> Tally {
+async fn client(
+    http: reqwest::Client,
+    url: String,
+    orders: Arc<AtomicU64>,
+    plan: Plan,
+    fresh: Freshness,
+) -> Tally {
     let Plan {
         create_only,
         limit,
@@ -189,6 +242,13 @@ async fn client(http: reqwest::Client, url: String, orders: Arc<AtomicU64>, plan
             tally
                 .latencies_us
                 .push(elapsed.as_micros().min(u32::MAX as u128) as u32);
+            if target.ends_with("/place") && n % 10 == 0 && matches!(status, Ok(200)) {
+                tokio::spawn(sample_freshness(
+                    http.clone(),
+                    format!("{url}/v1/orders/{id}"),
+                    fresh.clone(),
+                ));
+            }
             match status {
                 Ok(s) if s == expected && s == 422 => tally.rejected_ok += 1,
                 Ok(s) if s == expected => {}
@@ -197,6 +257,23 @@ async fn client(http: reqwest::Client, url: String, orders: Arc<AtomicU64>, plan
         }
     }
     tally
+}
+
+/// Polls the order view (no token) until it shows the placed order; records how long.
+async fn sample_freshness(http: reqwest::Client, url: String, fresh: Freshness) {
+    let acked = Instant::now();
+    while acked.elapsed() < Duration::from_secs(10) {
+        if let Ok(r) = http.get(&url).send().await {
+            if let Ok(view) = r.json::<serde_json::Value>().await {
+                if view["status"] == "placed" {
+                    let ms = acked.elapsed().as_secs_f64() * 1000.0;
+                    fresh.lock().unwrap_or_else(|p| p.into_inner()).push(ms);
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// Sums of `tally_commands_total` and `tally_command_transactions_total` from /metrics.
