@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use eventlog::rdkafka::consumer::Consumer;
 use eventlog::rdkafka::error::KafkaError;
-use eventlog::rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use eventlog::rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
 use eventlog::rdkafka::{Offset, TopicPartitionList};
 use eventlog::{
     classify, offset_for_time, read_partition, Delivery, EventEnvelope, EventMetadata,
@@ -477,15 +477,8 @@ impl<A: CommandStream> PartitionWorker<A> {
             message.partition(),
             message.offset()
         );
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "tally-dlq-error",
-                value: Some(error),
-            })
-            .insert(Header {
-                key: "tally-dlq-source",
-                value: Some(source.as_str()),
-            });
+        let headers =
+            eventlog::dead_letter_headers(error, &source, &format!("{} processor", A::STREAM));
         let key = message
             .key()
             .map(String::from_utf8_lossy)

@@ -16,6 +16,20 @@ pub mod headers {
     pub const CORRELATION_ID: &str = "tally-correlation-id";
     /// W3C trace context, under its standard name.
     pub const TRACEPARENT: &str = "traceparent";
+    /// Why a dead-lettered record could not be handled.
+    pub const DLQ_ERROR: &str = "tally-dlq-error";
+    /// Where a dead-lettered record came from: `topic/partition/offset`.
+    pub const DLQ_SOURCE: &str = "tally-dlq-source";
+    /// Who gave up on a dead-lettered record (a processor or a projection).
+    pub const DLQ_BY: &str = "tally-dlq-by";
+}
+
+/// The headers of a dead-lettered record: the error, its source and who gave up on it.
+pub fn dead_letter_headers(error: &str, source: &str, by: &str) -> OwnedHeaders {
+    OwnedHeaders::new_with_capacity(3)
+        .insert(header(headers::DLQ_ERROR, error))
+        .insert(header(headers::DLQ_SOURCE, source))
+        .insert(header(headers::DLQ_BY, by))
 }
 
 /// Who and what caused an event, carried from the HTTP request into the log.

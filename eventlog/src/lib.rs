@@ -21,7 +21,7 @@ mod topics;
 mod txn;
 
 pub use config::KafkaConfig;
-pub use envelope::{headers, EventEnvelope, EventMetadata};
+pub use envelope::{dead_letter_headers, headers, EventEnvelope, EventMetadata};
 pub use partitioner::{murmur2, partition_for};
 pub use reader::{offset_for_time, read_partition, watermarks};
 pub use token::{ConsistencyToken, Position};

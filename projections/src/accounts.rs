@@ -2,21 +2,13 @@
 
 use std::collections::HashMap;
 
-use aggregates::{PaymentAccount, PaymentEvent};
+use aggregates::PaymentAccount;
 use anyhow::Context;
-use chrono::{DateTime, Utc};
-use cqrs_es::Aggregate;
 use serde_json::{json, Value};
 use sqlx::{PgConnection, Row};
 
+use crate::fold::{fold_all, Folded};
 use crate::kinds::Record;
-
-#[derive(Default)]
-struct AccountRow {
-    account: PaymentAccount,
-    version: i64,
-    updated_at: DateTime<Utc>,
-}
 
 /// The account view of API.md from a row of the read model.
 pub fn view(row: &sqlx::postgres::PgRow) -> anyhow::Result<Value> {
@@ -38,7 +30,7 @@ pub(crate) async fn apply(
         .collect();
     ids.sort();
     ids.dedup();
-    let mut rows: HashMap<String, AccountRow> = HashMap::new();
+    let mut rows: HashMap<String, Folded<PaymentAccount>> = HashMap::new();
     let query = format!("SELECT customer_id, balance_cents, version, updated_at FROM {table} WHERE customer_id = ANY($1) FOR UPDATE");
     for row in sqlx::query(&query).bind(&ids).fetch_all(&mut *tx).await? {
         let id: String = row.try_get("customer_id")?;
@@ -49,33 +41,24 @@ pub(crate) async fn apply(
         };
         rows.insert(
             id,
-            AccountRow {
-                account,
+            Folded {
+                state: account,
                 version: row.try_get("version")?,
                 updated_at: row.try_get("updated_at")?,
             },
         );
     }
-    let mut changed: Vec<String> = Vec::new();
-    for r in records {
-        let row = rows.entry(r.envelope.aggregate_id.clone()).or_default();
-        let sequence = r.envelope.sequence as i64;
-        if sequence <= row.version {
-            continue;
-        }
-        let event: PaymentEvent = r.envelope.decode().context("decoding a payment event")?;
-        row.account.apply(event);
-        row.account.charges.clear(); // the read model keeps only the balance
-        row.version = sequence;
-        row.updated_at = r.at();
-        if !changed.contains(&r.envelope.aggregate_id) {
-            changed.push(r.envelope.aggregate_id.clone());
+    let changed = fold_all(&mut rows, records)?;
+    for id in &changed {
+        // The read model keeps only the totals.
+        if let Some(row) = rows.get_mut(id) {
+            row.state.charges.clear();
         }
     }
     if changed.is_empty() {
         return Ok(());
     }
-    let rows: Vec<&AccountRow> = changed.iter().map(|id| &rows[id]).collect();
+    let rows: Vec<&Folded<PaymentAccount>> = changed.iter().map(|id| &rows[id]).collect();
     sqlx::query(&format!(
         "INSERT INTO {table} (customer_id, balance_cents, version, updated_at)
          SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::timestamptz[])
@@ -85,7 +68,7 @@ pub(crate) async fn apply(
     .bind(&changed)
     .bind(
         rows.iter()
-            .map(|r| r.account.balance_cents as i64)
+            .map(|r| r.state.balance_cents as i64)
             .collect::<Vec<_>>(),
     )
     .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())

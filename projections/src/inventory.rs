@@ -2,21 +2,13 @@
 
 use std::collections::HashMap;
 
-use aggregates::{Inventory, InventoryEvent};
+use aggregates::Inventory;
 use anyhow::Context;
-use chrono::{DateTime, Utc};
-use cqrs_es::Aggregate;
 use serde_json::{json, Value};
 use sqlx::{PgConnection, Row};
 
+use crate::fold::{fold_all, Folded};
 use crate::kinds::Record;
-
-#[derive(Default)]
-struct StockRow {
-    stock: Inventory,
-    version: i64,
-    updated_at: DateTime<Utc>,
-}
 
 /// The inventory view of API.md from a row of the read model.
 pub fn view(row: &sqlx::postgres::PgRow) -> anyhow::Result<Value> {
@@ -41,7 +33,7 @@ pub(crate) async fn apply(
         .collect();
     ids.sort();
     ids.dedup();
-    let mut rows: HashMap<String, StockRow> = HashMap::new();
+    let mut rows: HashMap<String, Folded<Inventory>> = HashMap::new();
     let query = format!("SELECT sku, on_hand, reserved, version, updated_at FROM {table} WHERE sku = ANY($1) FOR UPDATE");
     for row in sqlx::query(&query).bind(&ids).fetch_all(&mut *tx).await? {
         let sku: String = row.try_get("sku")?;
@@ -53,33 +45,24 @@ pub(crate) async fn apply(
         };
         rows.insert(
             sku,
-            StockRow {
-                stock,
+            Folded {
+                state: stock,
                 version: row.try_get("version")?,
                 updated_at: row.try_get("updated_at")?,
             },
         );
     }
-    let mut changed: Vec<String> = Vec::new();
-    for r in records {
-        let row = rows.entry(r.envelope.aggregate_id.clone()).or_default();
-        let sequence = r.envelope.sequence as i64;
-        if sequence <= row.version {
-            continue;
-        }
-        let event: InventoryEvent = r.envelope.decode().context("decoding an inventory event")?;
-        row.stock.apply(event);
-        row.stock.reservations.clear(); // the read model keeps only the totals
-        row.version = sequence;
-        row.updated_at = r.at();
-        if !changed.contains(&r.envelope.aggregate_id) {
-            changed.push(r.envelope.aggregate_id.clone());
+    let changed = fold_all(&mut rows, records)?;
+    for id in &changed {
+        // The read model keeps only the totals.
+        if let Some(row) = rows.get_mut(id) {
+            row.state.reservations.clear();
         }
     }
     if changed.is_empty() {
         return Ok(());
     }
-    let rows: Vec<&StockRow> = changed.iter().map(|id| &rows[id]).collect();
+    let rows: Vec<&Folded<Inventory>> = changed.iter().map(|id| &rows[id]).collect();
     sqlx::query(&format!(
         "INSERT INTO {table} (sku, on_hand, reserved, version, updated_at)
          SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::timestamptz[])
@@ -89,12 +72,12 @@ pub(crate) async fn apply(
     .bind(&changed)
     .bind(
         rows.iter()
-            .map(|r| r.stock.on_hand as i64)
+            .map(|r| r.state.on_hand as i64)
             .collect::<Vec<_>>(),
     )
     .bind(
         rows.iter()
-            .map(|r| r.stock.reserved as i64)
+            .map(|r| r.state.reserved as i64)
             .collect::<Vec<_>>(),
     )
     .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())

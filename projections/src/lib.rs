@@ -12,6 +12,7 @@
 
 mod accounts;
 pub mod admin;
+mod fold;
 pub mod http;
 mod inventory;
 mod journal;

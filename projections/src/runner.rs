@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use eventlog::rdkafka::consumer::{Consumer, StreamConsumer};
-use eventlog::rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use eventlog::rdkafka::message::OwnedMessage;
 use eventlog::rdkafka::producer::{FutureProducer, FutureRecord};
 use eventlog::rdkafka::{Message, Offset, TopicPartitionList};
 use eventlog::{EventEnvelope, KafkaConfig, Topics};
@@ -398,19 +398,8 @@ async fn send_dead_letter(
     error: &str,
 ) -> anyhow::Result<()> {
     let source = format!("{topic}/{partition}/{offset}");
-    let headers = OwnedHeaders::new()
-        .insert(Header {
-            key: "tally-dlq-error",
-            value: Some(error),
-        })
-        .insert(Header {
-            key: "tally-dlq-source",
-            value: Some(source.as_str()),
-        })
-        .insert(Header {
-            key: "tally-dlq-projection",
-            value: Some(kind.name()),
-        });
+    let headers =
+        eventlog::dead_letter_headers(error, &source, &format!("{} projection", kind.name()));
     let dlq = Topics::new(&ctx.kafka.topic_prefix).dead_letters();
     let record = FutureRecord::to(&dlq)
         .partition(0)
