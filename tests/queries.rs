@@ -411,3 +411,48 @@ async fn a_replay_rebuilds_tables_identical_to_the_live_ones() {
     assert_eq!(events(&app.kafka, "order").await.len(), 30 + 15 + 1);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn checkpoints_of_other_topics_in_the_same_database_are_left_alone() {
+    let prefix = new_prefix();
+    let database = common::database_for(&prefix).await;
+    let pool = sqlx::PgPool::connect(&database).await.unwrap();
+    tally::prepare(&common::args(&prefix, 2, "api").await.0)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO projection_checkpoints VALUES ('orders', 'another-tally.order.events', 0, 5, now())")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let app = TestApp::start(&prefix).await;
+    let (id, body) = new_order("neighbour");
+    let (_, created) = app.post("/v1/orders", body, &[]).await;
+    let token = created["consistency_token"].as_str().unwrap().to_string();
+    assert_eq!(
+        app.get(
+            &format!("/v1/orders/{id}"),
+            &[("X-Consistency-Token", &token)]
+        )
+        .await
+        .0,
+        200
+    );
+    let (_, _, status) = app.get("/v1/admin/projections", &[]).await;
+    assert!(
+        status["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["error"].is_null()),
+        "{status}"
+    );
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT next_offset FROM projection_checkpoints WHERE topic = 'another-tally.order.events'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, 5);
+    app.stop().await;
+}

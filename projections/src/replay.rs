@@ -102,8 +102,9 @@ async fn prepare_tables(ctx: &Projectors, kind: Kind, checkpoint: &str) -> anyho
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1")
+    sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1 AND topic = ANY($2)")
         .bind(checkpoint)
+        .bind(ctx.topics(kind))
         .execute(&mut *tx)
         .await?;
     tx.commit().await.context("creating the replay tables")
@@ -122,13 +123,17 @@ async fn swap(ctx: &Projectors, kind: Kind, checkpoint: &str) -> anyhow::Result<
             .execute(&mut *tx)
             .await?;
     }
-    sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1")
+    sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1 AND topic = ANY($2)")
         .bind(kind.name())
+        .bind(ctx.topics(kind))
         .execute(&mut *tx)
         .await?;
-    sqlx::query("UPDATE projection_checkpoints SET projection = $1 WHERE projection = $2")
-        .bind(kind.name())
-        .bind(checkpoint)
+    sqlx::query(
+        "UPDATE projection_checkpoints SET projection = $1 WHERE projection = $2 AND topic = ANY($3)",
+    )
+    .bind(kind.name())
+    .bind(checkpoint)
+    .bind(ctx.topics(kind))
         .execute(&mut *tx)
         .await?;
     tx.commit().await.context("swapping the replayed tables in")

@@ -23,6 +23,8 @@ use crate::progress::{Progress, CHANNEL};
 
 /// Most records in one database transaction.
 const MAX_BATCH: usize = 5_000;
+/// How long a batch keeps gathering records after its first (bounds read-side freshness).
+const MAX_GATHER: Duration = Duration::from_millis(20);
 /// Attempts at a batch before its records are tried one by one.
 const MAX_ATTEMPTS: u32 = 3;
 
@@ -85,10 +87,15 @@ impl Projectors {
                     .execute(&self.pool).await?;
             }
         }
-        let rows: Vec<(String, i32, i64)> = sqlx::query_as("SELECT topic, partition, next_offset FROM projection_checkpoints WHERE projection = $1")
-            .bind(checkpoint)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+            "SELECT topic, partition, next_offset FROM projection_checkpoints
+             WHERE projection = $1 AND topic = ANY($2) AND partition < $3",
+        )
+        .bind(checkpoint)
+        .bind(self.topics(kind))
+        .bind(self.kafka.partitions)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
     }
 }
@@ -235,17 +242,24 @@ fn past_markers(
     Ok(moved)
 }
 
-/// Waits for a first record (up to 250 ms), then takes what else is ready at once.
+/// Waits for a first record (up to 250 ms), then takes what else arrives without a 2 ms
+/// gap, for at most [`MAX_GATHER`]: batches stay large under load without holding records
+/// back (under a steady stream a gap may never come).
 async fn next_batch(consumer: &StreamConsumer) -> anyhow::Result<Vec<OwnedMessage>> {
     let mut batch = Vec::new();
     let mut wait = Duration::from_millis(250);
+    let mut gathered_by = tokio::time::Instant::now() + wait;
     while batch.len() < MAX_BATCH {
-        match tokio::time::timeout(wait, consumer.recv()).await {
+        let until = gathered_by.min(tokio::time::Instant::now() + wait);
+        match tokio::time::timeout_at(until, consumer.recv()).await {
             Ok(Ok(m)) => batch.push(m.detach()),
             Ok(Err(e)) => bail!("reading events: {e}"),
             Err(_) => break,
         }
-        wait = Duration::from_millis(2);
+        if batch.len() == 1 {
+            gathered_by = tokio::time::Instant::now() + MAX_GATHER;
+            wait = Duration::from_millis(2);
+        }
     }
     Ok(batch)
 }
@@ -325,6 +339,12 @@ async fn commit(
     to: &HashMap<(String, i32), i64>,
 ) -> anyhow::Result<()> {
     let mut tx = ctx.pool.begin().await?;
+    // A read model can always be rebuilt from the log, and its checkpoints commit with it:
+    // losing the last commits in a database crash only means reading those records again.
+    // So the commit need not wait for the WAL flush.
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
     for ((topic, partition), next) in to {
         let old = from.get(&(topic.clone(), *partition)).copied().unwrap_or(0);
         if *next == old {
