@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::{error, info, warn};
 
 use crate::config::{CommonArgs, Role, RunArgs};
@@ -257,6 +257,9 @@ pub fn router(
                 .and_then(|id| id.header_value().to_str().ok())
                 .unwrap_or_default();
             tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), correlation_id)
-        }))
+        })
+        // A 503 from /readyz while partitions rebuild, or a command timing out, is news for
+        // an operator, not an error in Tally: real faults are logged where they happen.
+        .on_failure(DefaultOnFailure::new().level(tracing::Level::WARN)))
         .layer(SetRequestIdLayer::new(CORRELATION_ID, MakeRequestUuid))
 }
