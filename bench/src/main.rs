@@ -272,7 +272,7 @@ async fn sample_freshness(http: reqwest::Client, url: String, fresh: Freshness) 
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
