@@ -64,14 +64,16 @@ async fn a_processor_killed_mid_load_loses_and_doubles_nothing() {
     )
     .await;
 
-    // 8 clients create orders (keyed by their order id) until 400 are answered.
+    // 8 clients create orders (keyed by their order id) until told to stop.
     let answered = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for _ in 0..8 {
-        let (app, answered) = (app.clone(), answered.clone());
+        let (app, answered, stop) = (app.clone(), answered.clone(), stop.clone());
         clients.push(tokio::spawn(async move {
             let mut outcomes = Vec::new();
-            while answered.load(Ordering::SeqCst) < 400 {
+            // Bounded all the same: the test never loops forever.
+            while !stop.load(Ordering::SeqCst) && answered.load(Ordering::SeqCst) < 20_000 {
                 let id = uuid::Uuid::new_v4().to_string();
                 let mut body = order_body("crash", &[("A", 1, 100)]);
                 body["order_id"] = json!(id);
@@ -105,6 +107,21 @@ async fn a_processor_killed_mid_load_loses_and_doubles_nothing() {
     .await;
     a.kill().expect("SIGKILL processor a");
     a.wait().unwrap();
+    // Load goes on until b has taken over the dead one's partitions (after its session
+    // times out) and served them.
+    let killed_at = answered.load(Ordering::SeqCst);
+    wait_for(
+        "b to take over every partition of the dead one",
+        Duration::from_secs(90),
+        || rebuilt(&log_b) >= 3 * PARTITIONS as usize,
+    )
+    .await;
+    let taken_over_at = answered.load(Ordering::SeqCst);
+    wait_for("load after the takeover", Duration::from_secs(60), || {
+        answered.load(Ordering::SeqCst) >= taken_over_at.max(killed_at) + 60
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
 
     let mut outcomes = Vec::new();
     for client in clients {
@@ -121,12 +138,6 @@ async fn a_processor_killed_mid_load_loses_and_doubles_nothing() {
             .0
             .as_u16();
     }
-    wait_for(
-        "processor b to take over every partition of the dead one",
-        Duration::from_secs(60),
-        || rebuilt(&log_b) >= 3 * PARTITIONS as usize,
-    )
-    .await;
     b.kill().unwrap();
     b.wait().unwrap();
 
@@ -148,7 +159,7 @@ async fn a_processor_killed_mid_load_loses_and_doubles_nothing() {
         .map(|(id, _)| id.as_str())
         .collect();
     assert!(
-        ok.len() >= 390,
+        ok.len() * 100 >= outcomes.len() * 95,
         "most commands succeed: {} of {}",
         ok.len(),
         outcomes.len()

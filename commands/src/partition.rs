@@ -19,6 +19,7 @@ use eventlog::{
 };
 use serde_json::json;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -142,6 +143,7 @@ impl<A: CommandStream> PartitionWorker<A> {
         partition: i32,
         mut commands: mpsc::Receiver<Work>,
         me: mpsc::Sender<Work>,
+        revoked: CancellationToken,
     ) -> anyhow::Result<()> {
         let started = Instant::now();
         let txn_id = format!("{}-{}-p{partition}", shared.kafka.topic_prefix, A::STREAM);
@@ -179,7 +181,15 @@ impl<A: CommandStream> PartitionWorker<A> {
             partition,
         };
 
-        while let Some(first) = commands.recv().await {
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = revoked.cancelled() => break,
+                work = commands.recv() => match work {
+                    Some(work) => work,
+                    None => break,
+                },
+            };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match commands.try_recv() {
@@ -206,7 +216,15 @@ impl<A: CommandStream> PartitionWorker<A> {
                 return Err(err);
             }
         }
-        debug!(stream = A::STREAM, partition, "partition released");
+        // Revoked: what is still queued goes to the next owner — commands read from the
+        // topic are read again from the committed offset, in-process ones are passed on.
+        commands.close();
+        while let Ok(work) = commands.try_recv() {
+            if let Work::Direct(envelope) = work {
+                worker.shared.local.bounce(A::STREAM, envelope);
+            }
+        }
+        info!(stream = A::STREAM, partition, "partition released");
         Ok(())
     }
 
@@ -224,6 +242,12 @@ impl<A: CommandStream> PartitionWorker<A> {
                         }
                     }
                     self.shared.metrics.record_batch(batch.len());
+                    debug!(
+                        stream = A::STREAM,
+                        partition = self.partition,
+                        commands = batch.len(),
+                        "batch committed"
+                    );
                     return Ok(());
                 }
                 Err(err) => {
