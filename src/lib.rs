@@ -249,6 +249,7 @@ pub fn router(
         .method_not_allowed_fallback(|| async {
             ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
         })
+        .layer(axum::middleware::map_response(api::client_errors_in_shape))
         .layer(PropagateRequestIdLayer::new(CORRELATION_ID))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
             let correlation_id = req

@@ -120,4 +120,15 @@ async fn every_response_carries_a_correlation_id_and_unknown_routes_get_the_erro
     assert_eq!(wrong_method.status(), 405);
     let body: Value = wrong_method.json().await.unwrap();
     assert_eq!(body["error"]["code"], "method_not_allowed");
+
+    // A path segment that is not UTF-8 is refused by the framework itself: still our shape.
+    let undecodable = http
+        .get(format!("http://{addr}/v1/orders/%FF"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(undecodable.status(), 400);
+    assert!(undecodable.headers().contains_key("x-correlation-id"));
+    let body: Value = undecodable.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "malformed_request");
 }

@@ -81,3 +81,38 @@ impl IntoResponse for ApiError {
         (self.status, Json(self.body())).into_response()
     }
 }
+
+/// Gives every client error the API's shape: a framework rejection (an undecodable path
+/// segment, say) answers plain text, which clients of this API must never see. Used as an
+/// `axum::middleware::map_response` layer.
+pub async fn client_errors_in_shape(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        _ => "malformed_request",
+    };
+    let reason = status
+        .canonical_reason()
+        .unwrap_or("bad request")
+        .to_lowercase();
+    let mut shaped =
+        ApiError::new(status, code, format!("the request was refused: {reason}")).into_response();
+    // Keep the correlation id and any other header the handler set.
+    for (name, value) in response.headers() {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            shaped.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    shaped
+}
