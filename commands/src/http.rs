@@ -234,13 +234,7 @@ async fn restock(
         ))
     }
     .await;
-    match result {
-        Ok((id, command, raw)) => {
-            api.submit::<Inventory>(&parts, id, &command, &raw, None)
-                .await
-        }
-        Err(e) => e.into_response(),
-    }
+    api.respond::<Inventory>(&parts, result).await
 }
 
 async fn deposit(
@@ -263,20 +257,15 @@ async fn deposit(
         ))
     }
     .await;
-    match result {
-        Ok((id, command, raw)) => {
-            api.submit::<PaymentAccount>(&parts, id, &command, &raw, None)
-                .await
-        }
-        Err(e) => e.into_response(),
-    }
+    api.respond::<PaymentAccount>(&parts, result).await
 }
 
 impl CommandApi {
+    /// Submits a parsed command, or answers the parse error.
     async fn respond<A: CommandStream>(
         &self,
         parts: &Parts,
-        parsed: Result<(OrderId, A::Command, Value), ApiError>,
+        parsed: Result<(impl ToString, A::Command, Value), ApiError>,
     ) -> Response {
         match parsed {
             Ok((id, command, raw)) => {
