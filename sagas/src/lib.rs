@@ -1,6 +1,10 @@
 //! Tally's order-fulfilment saga orchestrator (DESIGN.md §4): on `OrderPlaced` it reserves
-//! stock, charges the account and confirms the order, compensating in reverse on failure
-//! or timeout, with its own state event-sourced on its topic.
+//! stock, charges the account and confirms the order, compensating in reverse on failure,
+//! cancellation or timeout, with its own state event-sourced on its topic.
 //!
-//! Not built yet: see the saga issue. The crate exists so the workspace has its final
-//! shape and dependency direction (`aggregates`, `eventlog` ← `sagas`).
+//! [`fulfilment`] is the saga as a pure state machine (read it first); [`runtime`] runs it
+//! on Kafka: one transaction per step, deadlines fired by the partition's owner.
+
+pub mod fulfilment;
+
+pub use fulfilment::{Fulfilment, FulfilmentEvent, SagaStatus};
