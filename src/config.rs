@@ -89,16 +89,29 @@ pub struct ReplayArgs {
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Roles this process plays, comma-separated: `api` serves HTTP, `commands` runs the
-    /// command processors, `projections` the projectors. More processes with `commands`
-    /// split the partitions.
+    /// command processors, `sagas` the fulfilment saga, `projections` the projectors.
+    /// More processes with `commands` or `sagas` split the partitions.
     #[arg(
         long,
         env = "TALLY_ROLES",
         value_enum,
         value_delimiter = ',',
-        default_value = "api,commands,projections"
+        default_value = "api,commands,sagas,projections"
     )]
     pub roles: Vec<Role>,
+    /// The command processors the `commands` role runs: `order`, `inventory`, `payment`.
+    #[arg(
+        long,
+        env = "TALLY_COMMAND_STREAMS",
+        value_delimiter = ',',
+        default_value = "order,inventory,payment",
+        value_parser = ["order", "inventory", "payment"]
+    )]
+    pub command_streams: Vec<String>,
+    /// How long the saga waits for a reservation or a charge before it compensates with
+    /// reason `timeout`, in milliseconds.
+    #[arg(long, env = "TALLY_SAGA_STEP_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    pub saga_step_timeout_ms: u64,
     /// How long a command request waits for its outcome before answering 503, in seconds.
     #[arg(long, env = "TALLY_COMMAND_TIMEOUT_SECS", default_value_t = 10)]
     pub command_timeout_secs: u64,
@@ -115,6 +128,8 @@ pub enum Role {
     Api,
     /// The command processors (write side).
     Commands,
+    /// The order-fulfilment saga orchestrator.
+    Sagas,
     /// The projectors (read side).
     Projections,
 }

@@ -6,7 +6,7 @@
 //! `shutdown` is cancelled.
 
 pub mod config;
-mod ops;
+pub mod ops;
 pub mod readiness;
 pub mod replay;
 
@@ -23,6 +23,8 @@ use axum::Router;
 use commands::processor::{self, ProcessorConfig, ProcessorStatus};
 use commands::{CommandBus, CommandStream, Local};
 use eventlog::{ensure_topics, KafkaConfig, Topics};
+use sagas::fulfilment::Deadlines;
+use sagas::{SagaConfig, SagaRuntimeStatus};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -132,17 +134,43 @@ pub async fn run(
             kafka: state.kafka.clone(),
             dedup_window: Duration::from_secs(settings.dedup_window_secs),
         };
-        statuses.push(spawn_processor::<Order>(
-            &mut tasks, &config, &local, &shutdown,
-        ));
-        statuses.push(spawn_processor::<Inventory>(
-            &mut tasks, &config, &local, &shutdown,
-        ));
-        statuses.push(spawn_processor::<PaymentAccount>(
-            &mut tasks, &config, &local, &shutdown,
-        ));
+        let wanted = |stream: &str| settings.command_streams.iter().any(|s| s == stream);
+        if wanted(Order::STREAM) {
+            statuses.push(spawn_processor::<Order>(
+                &mut tasks, &config, &local, &shutdown,
+            ));
+        }
+        if wanted(Inventory::STREAM) {
+            statuses.push(spawn_processor::<Inventory>(
+                &mut tasks, &config, &local, &shutdown,
+            ));
+        }
+        if wanted(PaymentAccount::STREAM) {
+            statuses.push(spawn_processor::<PaymentAccount>(
+                &mut tasks, &config, &local, &shutdown,
+            ));
+        }
     }
     state.readiness.processors = statuses.clone();
+    let sagas = if settings.roles.contains(&Role::Sagas) {
+        let config = SagaConfig {
+            kafka: state.kafka.clone(),
+            deadlines: Deadlines {
+                step: chrono::Duration::milliseconds(settings.saga_step_timeout_ms as i64),
+            },
+        };
+        let status = spawn_sagas(&mut tasks, config, &shutdown);
+        state.readiness.processors.push((
+            "saga",
+            ProcessorStatus {
+                rebuilding: status.rebuilding.clone(),
+                ..Default::default()
+            },
+        ));
+        Some(status.metrics)
+    } else {
+        None
+    };
 
     let progress = projections::Progress::default();
     let admin = if settings.roles.contains(&Role::Projections) {
@@ -185,7 +213,14 @@ pub async fn run(
         if let Some(admin) = admin {
             routes = routes.merge(projections::admin::routes(admin));
         }
-        let app = router(state, statuses, routes);
+        let app = router(
+            state,
+            ops::Ops {
+                processors: statuses,
+                sagas,
+            },
+            routes,
+        );
         info!(addr = %listener.local_addr()?, roles = ?settings.roles, "serving the HTTP API");
         let stop = shutdown.clone();
         axum::serve(listener, app)
@@ -198,6 +233,33 @@ pub async fn run(
     }
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Runs the saga orchestrator, restarting it (it rebuilds from the log) when it fails.
+fn spawn_sagas(
+    tasks: &mut JoinSet<()>,
+    config: SagaConfig,
+    shutdown: &CancellationToken,
+) -> SagaRuntimeStatus {
+    let status = SagaRuntimeStatus::default();
+    let (handle, shutdown) = (status.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        loop {
+            let result =
+                sagas::runtime::run(config.clone(), handle.clone(), shutdown.clone()).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if let Err(e) = result {
+                error!(error = %format!("{e:#}"), "saga orchestrator failed; restarting in 1s");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
+    status
 }
 
 /// Runs the processor of `A`, restarting it (it rebuilds from the log) when it fails.
@@ -235,15 +297,11 @@ fn spawn_processor<A: CommandStream>(
 /// The HTTP API: every route, the correlation id in and out, request tracing, and the
 /// API.md error shape for unknown routes.
 /// `routes` are the command, query and admin routes this process serves.
-pub fn router(
-    state: AppState,
-    processors: Vec<(&'static str, ProcessorStatus)>,
-    routes: Router,
-) -> Router {
+pub fn router(state: AppState, ops: ops::Ops, routes: Router) -> Router {
     Router::new()
         .route("/healthz", get(readiness::healthz))
         .route("/readyz", get(readiness::readyz).with_state(state.readiness.clone()))
-        .route("/metrics", get(ops::metrics).with_state(processors))
+        .route("/metrics", get(ops::metrics).with_state(ops))
         .merge(routes)
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .method_not_allowed_fallback(|| async {

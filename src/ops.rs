@@ -7,6 +7,14 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use commands::ProcessorStatus;
+use sagas::SagaMetrics;
+
+/// What `/metrics` reads: the command processors and the saga orchestrator of this process.
+#[derive(Clone, Default)]
+pub struct Ops {
+    pub processors: Vec<(&'static str, ProcessorStatus)>,
+    pub sagas: Option<SagaMetrics>,
+}
 
 /// A metric family: name, type, help, and how to read it from a processor's status.
 type Family = (
@@ -17,9 +25,8 @@ type Family = (
 );
 
 /// `GET /metrics`.
-pub async fn metrics(
-    State(processors): State<Vec<(&'static str, ProcessorStatus)>>,
-) -> impl IntoResponse {
+pub async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
+    let processors = &ops.processors;
     let mut out = String::new();
     let families: [Family; 4] = [
         (
@@ -49,9 +56,12 @@ pub async fn metrics(
     ];
     for (name, kind, help, read) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (stream, status) in &processors {
+        for (stream, status) in processors {
             let _ = writeln!(out, "{name}{{stream=\"{stream}\"}} {}", read(status));
         }
+    }
+    if let Some(sagas) = &ops.sagas {
+        sagas.render(&mut out);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -8,14 +8,14 @@ use serde_json::Value;
 use tally::config::CommonArgs;
 
 async fn common_args() -> CommonArgs {
-    common::args(&common::new_prefix(), 2, "api").await.0
+    common::args(&common::new_prefix(), 2, "api", &[]).await.0
 }
 
 /// Serves the API role only (no processors) and answers its address.
 async fn start(state: tally::AppState) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let run = common::args("unused", 2, "api").await.1;
+    let run = common::args("unused", 2, "api", &[]).await.1;
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(tally::run(Some(listener), state, run, shutdown));
     addr

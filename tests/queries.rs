@@ -417,7 +417,7 @@ async fn checkpoints_of_other_topics_in_the_same_database_are_left_alone() {
     let prefix = new_prefix();
     let database = common::database_for(&prefix).await;
     let pool = sqlx::PgPool::connect(&database).await.unwrap();
-    tally::prepare(&common::args(&prefix, 2, "api").await.0)
+    tally::prepare(&common::args(&prefix, 2, "api", &[]).await.0)
         .await
         .unwrap();
     sqlx::query("INSERT INTO projection_checkpoints VALUES ('orders', 'another-tally.order.events', 0, 5, now())")

@@ -358,6 +358,8 @@ impl CommandApi {
             correlation_id: header("x-correlation-id"),
             traceparent: header("traceparent"),
             actor: None,
+            reply_to: None,
+            deadline: None,
         };
         let result = match self.bus.dispatch(A::STREAM, &envelope).await {
             Ok(result) => result,

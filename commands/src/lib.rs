@@ -19,10 +19,13 @@ mod metrics;
 mod partition;
 pub mod processor;
 mod stream;
-pub mod wire;
 
 pub use bus::{start_results_listener, CommandBus, DispatchError};
 pub use local::Local;
 pub use metrics::Metrics;
 pub use processor::{ProcessorConfig, ProcessorStatus};
 pub use stream::CommandStream;
+/// The command and result records, defined with the log they travel on.
+pub mod wire {
+    pub use eventlog::{CommandEnvelope, CommandResult, ReplyTo};
+}

@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::local::Work;
 use crate::processor::Shared;
 use crate::stream::{version_conflict, CommandStream};
-use crate::wire::{CommandEnvelope, CommandResult};
+use crate::wire::{CommandEnvelope, CommandResult, ReplyTo};
 use eventlog::{ConsistencyToken, Position};
 
 /// Most commands in one transaction.
@@ -113,6 +113,8 @@ struct Pending {
     idempotent: bool,
     /// It came through the command topic: a request in another process may wait for it.
     remote: bool,
+    /// Also write the outcome here (the saga's inbox).
+    reply_to: Option<ReplyTo>,
     outcome: Outcome,
 }
 
@@ -368,6 +370,15 @@ impl<A: CommandStream> PartitionWorker<A> {
                     OwnedHeaders::new(),
                 )?);
             }
+            if let Some(reply) = &p.reply_to {
+                other_sends.push(self.producer.send(
+                    &reply.topic,
+                    reply.partition,
+                    &reply.key,
+                    &payload,
+                    OwnedHeaders::new(),
+                )?);
+            }
             results.push((result, p.idempotent));
         }
 
@@ -411,6 +422,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                 command_id: envelope.command_id,
                 idempotent: false,
                 remote,
+                reply_to: envelope.reply_to.clone(),
                 outcome: Outcome::Done(previous.clone()),
             });
             return Ok(());
@@ -434,6 +446,13 @@ impl<A: CommandStream> PartitionWorker<A> {
             envelope.expected_version,
             serde_json::from_value::<A::Command>(envelope.command.clone()),
         ) {
+            _ if envelope.deadline.is_some_and(|deadline| now > deadline) => {
+                rejected(api::ApiError::new(
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    "command_expired",
+                    "the command reached its processor after its deadline; nothing was changed",
+                ))
+            }
             (Some(expected), _) if expected != slot.version => {
                 rejected(version_conflict(expected, slot.version))
             }
@@ -489,6 +508,7 @@ impl<A: CommandStream> PartitionWorker<A> {
             command_id: envelope.command_id,
             idempotent: envelope.idempotent,
             remote,
+            reply_to: envelope.reply_to.clone(),
             outcome,
         });
         Ok(())

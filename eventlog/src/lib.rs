@@ -19,6 +19,7 @@ mod reader;
 mod token;
 mod topics;
 mod txn;
+mod wire;
 
 pub use config::KafkaConfig;
 pub use envelope::{dead_letter_headers, headers, EventEnvelope, EventMetadata};
@@ -27,6 +28,7 @@ pub use reader::{offset_for_time, read_partition, watermarks};
 pub use token::{ConsistencyToken, Position};
 pub use topics::{check_connection, ensure_topics, TopicSpec, Topics};
 pub use txn::{classify, Delivery, Landed, TxnErrorKind, TxnProducer};
+pub use wire::{CommandEnvelope, CommandResult, ReplyTo};
 
 /// Re-exported so dependants use the same rdkafka as this crate.
 pub use rdkafka;

@@ -39,6 +39,7 @@ pub fn routes(api: QueryApi) -> Router {
         .route("/v1/orders", get(list_orders))
         .route("/v1/orders/{order_id}", get(get_order))
         .route("/v1/orders/{order_id}/events", get(order_events))
+        .route("/v1/orders/{order_id}/saga", get(get_saga))
         .route("/v1/inventory/{sku}", get(get_inventory))
         .route("/v1/inventory/{sku}/events", get(inventory_events))
         .route("/v1/accounts/{customer_id}", get(get_account))
@@ -177,6 +178,34 @@ async fn get_order(
             Ok(with_etag(
                 orders::from_row(&row).map_err(ApiError::internal)?.view(),
             ))
+        }
+        .await,
+    )
+}
+
+/// `GET /v1/orders/{id}/saga`: the fulfilment saga's status and step timeline.
+async fn get_saga(
+    State(api): State<QueryApi>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    respond(
+        async {
+            let order_id = parse_order_id(&id)?;
+            api.caught_up(&headers, Kind::Sagas).await?;
+            let (state, version): (Value, i64) =
+                sqlx::query_as("SELECT state, version FROM sagas WHERE saga_id = $1")
+                    .bind(order_id.0)
+                    .fetch_optional(&api.pool)
+                    .await
+                    .map_err(ApiError::internal)?
+                    .ok_or_else(|| {
+                        ApiError::not_found(format!(
+                            "order {order_id} has no saga: it was never placed (or the saga projection has not seen it yet)"
+                        ))
+                    })?;
+            let saga = serde_json::from_value(state).map_err(ApiError::internal)?;
+            Ok(with_etag(crate::saga_views::view(order_id.0, &saga, version)))
         }
         .await,
     )

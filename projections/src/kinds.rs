@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use eventlog::EventEnvelope;
 use sqlx::PgConnection;
 
-use crate::{accounts, inventory, journal, orders};
+use crate::{accounts, inventory, journal, orders, saga_views};
 
 /// One committed event record, decoded to its envelope.
 #[derive(Debug, Clone)]
@@ -34,11 +34,19 @@ pub enum Kind {
     Accounts,
     /// Every envelope, for history and time travel (`event_journal`).
     Journal,
+    /// Fulfilment sagas and their step timelines (`sagas`).
+    Sagas,
 }
 
 impl Kind {
     /// Every projection.
-    pub const ALL: [Kind; 4] = [Kind::Orders, Kind::Inventory, Kind::Accounts, Kind::Journal];
+    pub const ALL: [Kind; 5] = [
+        Kind::Orders,
+        Kind::Inventory,
+        Kind::Accounts,
+        Kind::Journal,
+        Kind::Sagas,
+    ];
 
     /// The name used in the admin API, the CLI and checkpoints.
     pub fn name(self) -> &'static str {
@@ -47,6 +55,7 @@ impl Kind {
             Kind::Inventory => "inventory",
             Kind::Accounts => "accounts",
             Kind::Journal => "journal",
+            Kind::Sagas => "sagas",
         }
     }
 
@@ -62,6 +71,7 @@ impl Kind {
             Kind::Inventory => &["inventory"],
             Kind::Accounts => &["payment"],
             Kind::Journal => &["order", "inventory", "payment"],
+            Kind::Sagas => &[sagas::fulfilment::STREAM],
         }
     }
 
@@ -72,6 +82,7 @@ impl Kind {
             Kind::Inventory => &["inventory"],
             Kind::Accounts => &["accounts"],
             Kind::Journal => &["event_journal"],
+            Kind::Sagas => &["sagas"],
         }
     }
 
@@ -88,6 +99,7 @@ impl Kind {
             Kind::Inventory => inventory::apply(tx, &format!("inventory{suffix}"), records).await,
             Kind::Accounts => accounts::apply(tx, &format!("accounts{suffix}"), records).await,
             Kind::Journal => journal::apply(tx, &format!("event_journal{suffix}"), records).await,
+            Kind::Sagas => saga_views::apply(tx, &format!("sagas{suffix}"), records).await,
         }
     }
 }

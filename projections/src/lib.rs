@@ -21,6 +21,7 @@ mod orders;
 mod progress;
 pub mod replay;
 pub mod runner;
+pub mod saga_views;
 
 use std::time::Duration;
 

@@ -8,3 +8,8 @@
 pub mod fulfilment;
 
 pub use fulfilment::{Fulfilment, FulfilmentEvent, SagaStatus};
+pub mod metrics;
+pub mod runtime;
+
+pub use metrics::SagaMetrics;
+pub use runtime::{SagaConfig, SagaRuntimeStatus};

@@ -47,14 +47,19 @@ pub async fn database_for(prefix: &str) -> String {
 
 /// Settings from the environment scripts/test exports, for `prefix`, with a database of
 /// its own.
-pub async fn args(prefix: &str, partitions: u32, roles: &str) -> (CommonArgs, RunArgs) {
+pub async fn args(
+    prefix: &str,
+    partitions: u32,
+    roles: &str,
+    extra: &[&str],
+) -> (CommonArgs, RunArgs) {
     assert!(
         std::env::var_os("TALLY_KAFKA_BROKERS").is_some() && std::env::var_os("DATABASE_URL").is_some(),
         "TALLY_KAFKA_BROKERS and DATABASE_URL must point at running services (scripts/test sets them)"
     );
     let database = database_for(prefix).await;
     let partitions = partitions.to_string();
-    let cli = Cli::try_parse_from([
+    let mut argv = vec![
         "tally",
         "serve",
         "--topic-prefix",
@@ -67,8 +72,9 @@ pub async fn args(prefix: &str, partitions: u32, roles: &str) -> (CommonArgs, Ru
         "20",
         "--database-url",
         &database,
-    ])
-    .unwrap();
+    ];
+    argv.extend_from_slice(extra);
+    let cli = Cli::try_parse_from(argv).unwrap();
     let Command::Serve(serve) = cli.command else {
         unreachable!("parsed serve")
     };
@@ -90,12 +96,22 @@ impl TestApp {
     }
 
     pub async fn start_with(prefix: &str, partitions: u32, roles: &str) -> Self {
+        Self::start_with_args(prefix, partitions, roles, &[]).await
+    }
+
+    /// Starts `roles` with extra `tally serve` arguments.
+    pub async fn start_with_args(
+        prefix: &str,
+        partitions: u32,
+        roles: &str,
+        extra: &[&str],
+    ) -> Self {
         let filter = std::env::var("TALLY_LOG").unwrap_or_else(|_| "warn".into());
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_test_writer()
             .try_init();
-        let (common, run) = args(prefix, partitions, roles).await;
+        let (common, run) = args(prefix, partitions, roles, extra).await;
         let state = tally::prepare(&common).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

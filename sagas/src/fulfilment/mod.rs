@@ -473,7 +473,7 @@ impl Fulfilment {
                     .cloned()
             })
             .collect();
-        let charge = of(StepName::ChargePayment).last();
+        let charge = of(StepName::ChargePayment).next_back();
         if charge.is_some_and(|c| c.replies.get("").is_some_and(|r| r.ok)) {
             events.push(started(
                 StepName::RefundPayment,

@@ -1,5 +1,6 @@
-//! What travels on the command and result topics, and the consistency token.
+//! What travels on the command, result and reply topics.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -20,6 +21,21 @@ pub struct CommandEnvelope {
     pub correlation_id: Option<String>,
     pub traceparent: Option<String>,
     pub actor: Option<String>,
+    /// Where to write the outcome too, in the command's transaction (the saga's inbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<ReplyTo>,
+    /// The processor refuses the command (`408 command_expired`) when it decides later
+    /// than this: a saga that stopped waiting must not find it applied after all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
+}
+
+/// A topic partition and key to write a command's [`CommandResult`] to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyTo {
+    pub topic: String,
+    pub partition: i32,
+    pub key: String,
 }
 
 /// The outcome of one command, written to `<prefix>.command-results` in the same
