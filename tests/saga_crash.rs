@@ -1,0 +1,263 @@
+//! The saga orchestrator killed with SIGKILL while it waits on each step in turn — for the
+//! reservations, the charge, the confirmation and the sale — and again at random moments
+//! under load. Each time the processor the saga waits on is stopped, so the kill lands
+//! between two steps; a fresh orchestrator rebuilds from the saga topic and goes on. In
+//! the end every saga completed, with one reservation and one charge per order, and stock
+//! and money add up.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{events, new_prefix, order_body, TestApp};
+use serde_json::{json, Value};
+
+const PARTITIONS: u32 = 2;
+
+/// An orchestrator in a process of its own, so that it can be killed for real.
+fn orchestrator(prefix: &str, log: &std::path::Path) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "serve",
+            "--roles",
+            "sagas",
+            "--topic-prefix",
+            prefix,
+            "--partitions",
+            &PARTITIONS.to_string(),
+            // Long enough that nothing here times out: this test is about crashes.
+            "--saga-step-timeout-ms",
+            "300000",
+        ])
+        .env("TALLY_LOG", "info")
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .expect("starting a tally saga orchestrator")
+}
+
+fn kill(child: &mut Child) {
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+/// The command processors, one in-process app per stream, each stoppable on its own.
+struct Processors {
+    prefix: String,
+    running: HashMap<&'static str, TestApp>,
+}
+
+impl Processors {
+    async fn start(&mut self, stream: &'static str) {
+        let app = TestApp::start_with_args(
+            &self.prefix,
+            PARTITIONS,
+            "api,commands",
+            &["--command-streams", stream],
+        )
+        .await;
+        self.running.insert(stream, app);
+    }
+
+    async fn stop(&mut self, stream: &'static str) {
+        self.running.remove(stream).expect("running").stop().await;
+    }
+}
+
+async fn saga(front: &TestApp, id: &str) -> Value {
+    front.get(&format!("/v1/orders/{id}/saga"), &[]).await.2
+}
+
+/// Waits until every saga's last step is `step`, started (it waits on its answers).
+async fn all_waiting_on(front: &TestApp, ids: &[String], step: &str) {
+    for id in ids {
+        front
+            .eventually(
+                &format!("/v1/orders/{id}/saga"),
+                Duration::from_secs(60),
+                |s| {
+                    s["steps"]
+                        .as_array()
+                        .and_then(|steps| steps.last())
+                        .is_some_and(|last| last["name"] == step && last["status"] == "started")
+                },
+            )
+            .await;
+    }
+}
+
+async fn place(front: &TestApp) -> String {
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut body = order_body("crash", &[("S1", 1, 100), ("S2", 2, 10)]);
+    body["order_id"] = json!(id);
+    let (status, created) = front.post("/v1/orders", body, &[]).await;
+    assert_eq!(status, 201, "{created}");
+    let (status, placed) = front
+        .post(&format!("/v1/orders/{id}/place"), json!({}), &[])
+        .await;
+    assert_eq!(status, 200, "{placed}");
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_saga_orchestrator_killed_between_any_two_steps_resumes_without_loss_or_doubling() {
+    let prefix = new_prefix();
+    let front = TestApp::start_with(&prefix, PARTITIONS, "api,projections").await;
+    let mut processors = Processors {
+        prefix: prefix.clone(),
+        running: HashMap::new(),
+    };
+    for stream in ["order", "inventory", "payment"] {
+        processors.start(stream).await;
+    }
+    let dir = std::env::temp_dir().join(&prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("saga.log");
+    let mut saga_process = orchestrator(&prefix, &log);
+
+    for sku in ["S1", "S2"] {
+        let (status, _) = front
+            .post(
+                &format!("/v1/inventory/{sku}/restock"),
+                json!({ "quantity": 1000 }),
+                &[],
+            )
+            .await;
+        assert!(status.is_success());
+    }
+    let (status, _) = front
+        .post(
+            "/v1/accounts/crash/deposits",
+            json!({ "amount_cents": 1_000_000 }),
+            &[],
+        )
+        .await;
+    assert!(status.is_success());
+
+    // Stop the processor the next step needs, let the sagas reach it, kill the
+    // orchestrator there, start a new one, and start the processor the step after needs.
+    processors.stop("inventory").await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(place(&front).await);
+    }
+    let chain: [(&str, &'static str, &'static str); 4] = [
+        ("reserve_stock", "payment", "inventory"),
+        ("charge_payment", "order", "payment"),
+        ("confirm_order", "inventory", "order"),
+        ("sell_stock", "", "inventory"),
+    ];
+    for (step, stop_next, start_now) in chain {
+        all_waiting_on(&front, &ids, step).await;
+        kill(&mut saga_process);
+        saga_process = orchestrator(&prefix, &log);
+        if !stop_next.is_empty() {
+            processors.stop(stop_next).await;
+        }
+        processors.start(start_now).await;
+    }
+
+    // And at random moments under load.
+    let mut more = Vec::new();
+    for round in 0..3 {
+        for _ in 0..8 {
+            more.push(place(&front).await);
+        }
+        tokio::time::sleep(Duration::from_millis(150 * round + 100)).await;
+        kill(&mut saga_process);
+        saga_process = orchestrator(&prefix, &log);
+    }
+    ids.extend(more);
+
+    for id in &ids {
+        let s = front
+            .eventually(
+                &format!("/v1/orders/{id}/saga"),
+                Duration::from_secs(90),
+                |s| s["status"] != "running" && s["status"].is_string(),
+            )
+            .await;
+        assert_eq!(s["status"], "completed", "{s}");
+        let (_, _, order) = front.get(&format!("/v1/orders/{id}"), &[]).await;
+        let order = if order["status"] == "confirmed" {
+            order
+        } else {
+            front
+                .eventually(&format!("/v1/orders/{id}"), Duration::from_secs(30), |o| {
+                    o["status"] == "confirmed"
+                })
+                .await
+        };
+        assert_eq!(order["total_cents"], 120);
+    }
+    kill(&mut saga_process);
+    assert_eq!(
+        saga(&front, &ids[0]).await["steps"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+
+    // Exactly one reservation per line and one charge per order: no step ran twice.
+    let n = ids.len();
+    let inventory = events(&front.kafka, "inventory").await;
+    let payments = events(&front.kafka, "payment").await;
+    let mut reservations: HashMap<(String, String), usize> = HashMap::new();
+    for e in inventory.iter().filter(|e| e.event_type == "StockReserved") {
+        *reservations
+            .entry((
+                e.aggregate_id.clone(),
+                e.payload["order_id"].as_str().unwrap().to_string(),
+            ))
+            .or_default() += 1;
+    }
+    assert_eq!(reservations.len(), 2 * n);
+    assert!(
+        reservations.values().all(|c| *c == 1),
+        "a doubled reservation: {reservations:?}"
+    );
+    let charges: Vec<_> = payments
+        .iter()
+        .filter(|e| e.event_type == "PaymentCharged")
+        .collect();
+    assert_eq!(charges.len(), n, "one charge per order");
+    let sold = inventory
+        .iter()
+        .filter(|e| e.event_type == "StockSold")
+        .count();
+    assert_eq!(sold, 2 * n);
+
+    // Stock and money add up in the read models.
+    front
+        .eventually("/v1/inventory/S1", Duration::from_secs(30), |v| {
+            v["on_hand"] == 1000 - n as i64 && v["reserved"] == 0
+        })
+        .await;
+    front
+        .eventually("/v1/inventory/S2", Duration::from_secs(30), |v| {
+            v["on_hand"] == 1000 - 2 * n as i64 && v["reserved"] == 0
+        })
+        .await;
+    front
+        .eventually("/v1/accounts/crash", Duration::from_secs(30), |v| {
+            v["balance_cents"] == 1_000_000 - 120 * n as i64
+        })
+        .await;
+    let restarts = std::fs::read_to_string(&log)
+        .unwrap()
+        .matches("saga orchestrator started")
+        .count();
+    assert_eq!(restarts, 8, "eight orchestrators ran (seven were killed)");
+    for (_, app) in processors.running.drain() {
+        app.stop().await;
+    }
+    front.stop().await;
+}
