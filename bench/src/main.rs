@@ -6,6 +6,11 @@
 //! order the freshness of the read side: from the place's answer until a plain GET (no
 //! token) shows the placed order.
 //!
+//! `--workload fulfilment` is orders-v1 with the saga at work: stock and funds are seeded
+//! first, every placed order is reserved, charged and confirmed, and the figures add sagas
+//! completed per second (from /metrics) and, sampled on every 10th order, the time from the
+//! place's answer until the order view shows `confirmed`.
+//!
 //! `--workload seed-events --events N` instead writes N order events straight to Kafka
 //! (orders of 10 events each), for measuring `tally replay orders`.
 
@@ -76,8 +81,8 @@ async fn main() -> anyhow::Result<()> {
         .await;
     }
     anyhow::ensure!(
-        ["orders-v1", "create-only"].contains(&args.workload.as_str()),
-        "unknown workload {}; try orders-v1, create-only or seed-events",
+        ["orders-v1", "create-only", "fulfilment"].contains(&args.workload.as_str()),
+        "unknown workload {}; try orders-v1, fulfilment, create-only or seed-events",
         args.workload
     );
     let http = reqwest::Client::builder()
@@ -89,6 +94,10 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|r| r.error_for_status())
         .with_context(|| format!("{} is not ready; start it with scripts/run", args.url))?;
 
+    let fulfilment = args.workload == "fulfilment";
+    if fulfilment {
+        seed_stock_and_funds(&http, &args.url).await?;
+    }
     let before = scrape(&http, &args.url).await;
     // A run bounded by --orders counts from the start; a timed run skips a 2 s warm-up.
     let warmup = Instant::now() + Duration::from_secs(if args.orders.is_some() { 0 } else { 2 });
@@ -105,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         );
         let plan = Plan {
             create_only: args.workload == "create-only",
+            until_status: if fulfilment { "confirmed" } else { "placed" },
             limit: args.orders.unwrap_or(u64::MAX),
             warmup,
             stop,
@@ -143,8 +153,12 @@ async fn main() -> anyhow::Result<()> {
         Some(_) => Instant::now().duration_since(started).as_secs_f64(),
         None => args.duration_secs as f64,
     };
+    let sagas_completed = match (before, after) {
+        (Some((_, _, s0)), Some((_, _, s1))) if fulfilment => Some(s1 - s0),
+        _ => None,
+    };
     let per_txn = match (before, after) {
-        (Some((c0, t0)), Some((c1, t1))) if t1 > t0 => {
+        (Some((c0, t0, _)), Some((c1, t1, _))) if t1 > t0 => {
             Some(((c1 - c0) / (t1 - t0) * 10.0).round() / 10.0)
         }
         _ => None,
@@ -161,9 +175,13 @@ async fn main() -> anyhow::Result<()> {
             "errors": total.errors,
             "rejected_ok": total.rejected_ok,
             "commands_per_txn": per_txn,
+            // orders-v1: place → the view shows `placed`; fulfilment: → `confirmed`.
+            "freshness_of": if fulfilment { "confirmed" } else { "placed" },
             "freshness_samples": fresh.len(),
             "freshness_p50_ms": fresh_pct(0.50),
             "freshness_p99_ms": fresh_pct(0.99),
+            "sagas_completed": sagas_completed,
+            "sagas_completed_per_s": sagas_completed.map(|n| (n / elapsed).round()),
         })
     );
     Ok(())
@@ -173,6 +191,8 @@ async fn main() -> anyhow::Result<()> {
 #[derive(Clone, Copy)]
 struct Plan {
     create_only: bool,
+    /// The order status a freshness sample waits for.
+    until_status: &'static str,
     limit: u64,
     warmup: Instant,
     stop: Instant,
@@ -188,6 +208,7 @@ async fn client(
 ) -> Tally {
     let Plan {
         create_only,
+        until_status,
         limit,
         warmup,
         stop,
@@ -246,6 +267,7 @@ async fn client(
                 tokio::spawn(sample_freshness(
                     http.clone(),
                     format!("{url}/v1/orders/{id}"),
+                    until_status,
                     fresh.clone(),
                 ));
             }
@@ -259,25 +281,62 @@ async fn client(
     tally
 }
 
-/// Polls the order view (no token) until it shows the placed order; records how long.
-async fn sample_freshness(http: reqwest::Client, url: String, fresh: Freshness) {
+/// Polls the order view (no token) until it shows `status`; records how long.
+async fn sample_freshness(http: reqwest::Client, url: String, status: &str, fresh: Freshness) {
     let acked = Instant::now();
-    while acked.elapsed() < Duration::from_secs(10) {
+    while acked.elapsed() < Duration::from_secs(30) {
         if let Ok(r) = http.get(&url).send().await {
             if let Ok(view) = r.json::<serde_json::Value>().await {
-                if view["status"] == "placed" {
+                if view["status"] == status {
                     let ms = acked.elapsed().as_secs_f64() * 1000.0;
                     fresh.lock().unwrap_or_else(|p| p.into_inner()).push(ms);
                     return;
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // 5 ms resolution for the read side's freshness; a saga takes several hops, and
+        // polling it that often would load the server being measured.
+        let poll = if status == "placed" { 5 } else { 20 };
+        tokio::time::sleep(Duration::from_millis(poll)).await;
     }
 }
 
-/// Sums of `tally_commands_total` and `tally_command_transactions_total` from /metrics.
-async fn scrape(http: &reqwest::Client, url: &str) -> Option<(f64, f64)> {
+/// Restocks every SKU orders-v1 uses and funds every customer, so that sagas confirm.
+async fn seed_stock_and_funds(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let mut skus = Vec::new();
+    for (letter, n) in [("S", 97), ("T", 89), ("U", 83), ("V", 79)] {
+        skus.extend((0..n).map(|i| format!("{letter}{i}")));
+    }
+    let mut requests = Vec::new();
+    for sku in skus {
+        requests.push((
+            format!("{url}/v1/inventory/{sku}/restock"),
+            json!({ "quantity": 1_000_000 }),
+        ));
+    }
+    for c in 0..1000 {
+        requests.push((
+            format!("{url}/v1/accounts/c{c}/deposits"),
+            json!({ "amount_cents": 100_000_000 }),
+        ));
+    }
+    for chunk in requests.chunks(64) {
+        let sends: Vec<_> = chunk
+            .iter()
+            .map(|(target, body)| tokio::spawn(http.post(target).json(body).send()))
+            .collect();
+        for send in sends {
+            send.await??
+                .error_for_status()
+                .context("seeding stock and funds")?;
+        }
+    }
+    Ok(())
+}
+
+/// Sums of `tally_commands_total`, `tally_command_transactions_total` and completed sagas
+/// from /metrics.
+async fn scrape(http: &reqwest::Client, url: &str) -> Option<(f64, f64, f64)> {
     let text = http
         .get(format!("{url}/metrics"))
         .send()
@@ -292,8 +351,14 @@ async fn scrape(http: &reqwest::Client, url: &str) -> Option<(f64, f64)> {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };
+    let completed = text
+        .lines()
+        .find(|l| l.starts_with("tally_sagas_ended_total{status=\"completed\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
     Some((
         sum("tally_commands_total"),
         sum("tally_command_transactions_total"),
+        completed,
     ))
 }

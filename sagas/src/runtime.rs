@@ -38,6 +38,8 @@ use crate::metrics::SagaMetrics;
 const MAX_BATCH: usize = 500;
 /// How often the owner looks for deadlines that passed.
 const TICK: Duration = Duration::from_millis(100);
+/// How long a busy worker waits for more inputs before it writes a step.
+const GATHER: Duration = Duration::from_millis(5);
 /// Attempts at a batch whose transaction had to be aborted.
 const MAX_ATTEMPTS: u32 = 5;
 
@@ -296,11 +298,12 @@ impl Worker {
                 message = inputs.recv() => {
                     let Some(message) = message else { break Ok(()) };
                     let mut batch = vec![message];
-                    while batch.len() < MAX_BATCH {
-                        match inputs.try_recv() {
-                            Ok(m) => batch.push(m),
-                            Err(_) => break,
-                        }
+                    drain(&mut inputs, &mut batch);
+                    if batch.len() > 1 {
+                        // Busy: a few more milliseconds fill the transaction, and each
+                        // transaction costs the broker the same whatever it carries.
+                        tokio::time::sleep(GATHER).await;
+                        drain(&mut inputs, &mut batch);
                     }
                     if let Err(e) = worker.consume(batch).await {
                         break Err(e);
@@ -573,6 +576,15 @@ impl Worker {
         }
         self.producer.commit(sends).await?;
         Ok(staged)
+    }
+}
+
+fn drain(inputs: &mut mpsc::Receiver<OwnedMessage>, batch: &mut Vec<OwnedMessage>) {
+    while batch.len() < MAX_BATCH {
+        match inputs.try_recv() {
+            Ok(m) => batch.push(m),
+            Err(_) => break,
+        }
     }
 }
 
