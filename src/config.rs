@@ -112,6 +112,14 @@ pub struct RunArgs {
     /// reason `timeout`, in milliseconds.
     #[arg(long, env = "TALLY_SAGA_STEP_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     pub saga_step_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, how long to keep serving (with /readyz answering 503) so load
+    /// balancers stop sending requests, in milliseconds.
+    #[arg(long, env = "TALLY_SHUTDOWN_DRAIN_MS", default_value_t = 0)]
+    pub shutdown_drain_ms: u64,
+    /// On SIGTERM/SIGINT, the most time to finish in-flight requests and transactions
+    /// before exiting anyway, in seconds.
+    #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
     /// How long a command request waits for its outcome before answering 503, in seconds.
     #[arg(long, env = "TALLY_COMMAND_TIMEOUT_SECS", default_value_t = 10)]
     pub command_timeout_secs: u64,

@@ -89,6 +89,7 @@ pub async fn prepare(common: &CommonArgs) -> anyhow::Result<AppState> {
         kafka: Arc::new(probe),
         pool: pool.clone(),
         processors: Vec::new(),
+        draining: Default::default(),
     };
     Ok(AppState {
         kafka,
@@ -128,6 +129,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let local = Local::default();
     let mut tasks = JoinSet::new();
+    // Workers stop only after the HTTP server has drained, so that in-flight requests
+    // still get their commands processed; they finish their current transaction.
+    let workers = CancellationToken::new();
     let mut statuses = Vec::new();
     if settings.roles.contains(&Role::Commands) {
         let config = ProcessorConfig {
@@ -137,17 +141,17 @@ pub async fn run(
         let wanted = |stream: &str| settings.command_streams.iter().any(|s| s == stream);
         if wanted(Order::STREAM) {
             statuses.push(spawn_processor::<Order>(
-                &mut tasks, &config, &local, &shutdown,
+                &mut tasks, &config, &local, &workers,
             ));
         }
         if wanted(Inventory::STREAM) {
             statuses.push(spawn_processor::<Inventory>(
-                &mut tasks, &config, &local, &shutdown,
+                &mut tasks, &config, &local, &workers,
             ));
         }
         if wanted(PaymentAccount::STREAM) {
             statuses.push(spawn_processor::<PaymentAccount>(
-                &mut tasks, &config, &local, &shutdown,
+                &mut tasks, &config, &local, &workers,
             ));
         }
     }
@@ -159,7 +163,7 @@ pub async fn run(
                 step: chrono::Duration::milliseconds(settings.saga_step_timeout_ms as i64),
             },
         };
-        let status = spawn_sagas(&mut tasks, config, &shutdown);
+        let status = spawn_sagas(&mut tasks, config, &workers);
         state.readiness.processors.push((
             "saga",
             ProcessorStatus {
@@ -181,15 +185,16 @@ pub async fn run(
         )?;
         Some(projections::admin::Admin::start(
             projectors,
-            shutdown.clone(),
+            workers.clone(),
         ))
     } else {
         None
     };
 
+    let admin_handle = admin.clone();
     if settings.roles.contains(&Role::Api) {
         let listener = listener.context("the api role needs a listener")?;
-        commands::start_results_listener(&state.kafka, local.clone(), shutdown.clone()).await?;
+        commands::start_results_listener(&state.kafka, local.clone(), workers.clone()).await?;
         let bus = CommandBus::new(
             &state.kafka,
             local,
@@ -199,11 +204,7 @@ pub async fn run(
             bus,
             pool: state.pool.clone(),
         };
-        tokio::spawn(
-            progress
-                .clone()
-                .listen(state.pool.clone(), shutdown.clone()),
-        );
+        tokio::spawn(progress.clone().listen(state.pool.clone(), workers.clone()));
         let queries = projections::http::QueryApi {
             pool: state.pool.clone(),
             progress,
@@ -213,6 +214,7 @@ pub async fn run(
         if let Some(admin) = admin {
             routes = routes.merge(projections::admin::routes(admin));
         }
+        let draining = state.readiness.draining.clone();
         let app = router(
             state,
             ops::Ops {
@@ -223,15 +225,35 @@ pub async fn run(
         );
         info!(addr = %listener.local_addr()?, roles = ?settings.roles, "serving the HTTP API");
         let stop = shutdown.clone();
+        let drain = Duration::from_millis(settings.shutdown_drain_ms);
         axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .with_graceful_shutdown(async move {
+                stop.cancelled().await;
+                draining.store(true, std::sync::atomic::Ordering::SeqCst);
+                info!(
+                    drain_ms = drain.as_millis() as u64,
+                    "shutting down: /readyz answers 503; serving until the drain period ends"
+                );
+                tokio::time::sleep(drain).await;
+                info!("no longer accepting connections; finishing in-flight requests");
+            })
             .await
             .context("serving HTTP")?;
     } else {
         info!(roles = ?settings.roles, "running without the HTTP API");
         shutdown.cancelled().await;
+        state
+            .readiness
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
+    info!("stopping processors, sagas and projectors after their current transaction");
+    workers.cancel();
     while tasks.join_next().await.is_some() {}
+    if let Some(admin) = admin_handle {
+        admin.stopped().await;
+    }
+    info!("stopped cleanly");
     Ok(())
 }
 

@@ -27,9 +27,17 @@ async fn main() -> anyhow::Result<()> {
             };
             let shutdown = tokio_util::sync::CancellationToken::new();
             let trigger = shutdown.clone();
+            let bound = std::time::Duration::from_millis(
+                args.run.shutdown_drain_ms + 1000 * args.run.shutdown_timeout_secs,
+            );
             tokio::spawn(async move {
                 shutdown_signal().await;
                 trigger.cancel();
+                // Whatever is still running then is abandoned: transactions left open are
+                // aborted by the next owner, and nothing uncommitted was acknowledged.
+                tokio::time::sleep(bound).await;
+                tracing::error!(bound_ms = bound.as_millis() as u64, "shutdown did not finish within the bound (--shutdown-timeout-secs); exiting anyway");
+                std::process::exit(1);
             });
             tally::run(listener, state, args.run, shutdown).await
         }
@@ -46,7 +54,11 @@ async fn main() -> anyhow::Result<()> {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal: a log file or a collector gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

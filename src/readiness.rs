@@ -1,6 +1,6 @@
 //! `/healthz` and `/readyz`: is the process up, and can it do its work.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,8 @@ pub struct Readiness {
     pub pool: PgPool,
     /// The command processors of this process, whose partitions must be rebuilt.
     pub processors: Vec<(&'static str, ProcessorStatus)>,
+    /// Set the moment a shutdown begins: `/readyz` answers 503 from then on.
+    pub draining: Arc<AtomicBool>,
 }
 
 /// `GET /healthz`: `200` while the process runs.
@@ -32,6 +34,11 @@ pub async fn healthz() -> Json<Value> {
 /// `GET /readyz`: `200` when Kafka and PostgreSQL answer and every owned partition has
 /// been rebuilt, else `503 not_ready` naming what failed.
 pub async fn readyz(State(ready): State<Readiness>) -> Result<Json<Value>, ApiError> {
+    if ready.draining.load(Ordering::SeqCst) {
+        return Err(ApiError::not_ready(
+            "shutting down: finishing in-flight work; send requests to another instance",
+        ));
+    }
     let (kafka, postgres) = tokio::join!(
         check_kafka(ready.kafka.clone()),
         check_postgres(&ready.pool)

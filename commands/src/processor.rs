@@ -24,6 +24,8 @@ use crate::metrics::Metrics;
 use crate::partition::PartitionWorker;
 use crate::stream::CommandStream;
 
+/// How long a stopping processor waits for its workers' current transactions.
+const WORKER_STOP_BOUND: Duration = Duration::from_secs(10);
 /// Commands buffered per partition before the consumer waits.
 const PARTITION_BUFFER: usize = 4_096;
 
@@ -182,8 +184,22 @@ pub async fn run<A: CommandStream>(
             }
         }
     };
-    drop(workers);
-    // Workers finish their current transaction; whatever is left is fenced by the next owner.
+    // Each worker ends after its current transaction; one that does not within the
+    // bound is aborted (its transaction is then aborted by the next owner's fencing).
+    for (_, (_, stop)) in workers.drain() {
+        stop.cancel();
+    }
+    let bound = tokio::time::sleep(WORKER_STOP_BOUND);
+    tokio::pin!(bound);
+    loop {
+        tokio::select! {
+            _ = &mut bound => {
+                warn!(stream = A::STREAM, "workers still busy at the shutdown bound; aborting them");
+                break;
+            }
+            next = tasks.join_next() => if next.is_none() { break },
+        }
+    }
     tasks.shutdown().await;
     shared.rebuilding.store(0, Ordering::SeqCst);
     shared.consumer.unsubscribe();

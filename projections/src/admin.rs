@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
 use crate::kinds::Kind;
@@ -42,6 +43,8 @@ pub struct Admin {
     pub projectors: Projectors,
     states: Arc<HashMap<Kind, Arc<State_>>>,
     shutdown: CancellationToken,
+    /// The live projectors' tasks, so a shutdown can wait for their last commit.
+    tasks: TaskTracker,
 }
 
 impl Admin {
@@ -55,6 +58,7 @@ impl Admin {
             projectors,
             states: Arc::new(states),
             shutdown,
+            tasks: TaskTracker::new(),
         };
         for kind in Kind::ALL {
             admin.start_live(kind);
@@ -69,7 +73,7 @@ impl Admin {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
         let (ctx, state) = (self.projectors.clone(), self.states[&kind].clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             while !token.is_cancelled() {
                 match runner::run(&ctx, kind, &Target::live(kind), &token).await {
                     Ok(()) => *state.failed.lock().unwrap_or_else(|p| p.into_inner()) = None,
@@ -85,6 +89,13 @@ impl Admin {
                 }
             }
         });
+    }
+
+    /// Waits, after shutdown, until every live projector has ended (a batch in progress
+    /// commits with its checkpoints first).
+    pub async fn stopped(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// `{ name, status, lag, replay, dead_letters }` of one projection.

@@ -34,6 +34,8 @@ use tracing::{debug, error, info, warn};
 use crate::fulfilment::{Deadlines, Fulfilment, FulfilmentEvent, Input, SagaLine, STREAM};
 use crate::metrics::SagaMetrics;
 
+/// How long a stopping processor waits for its workers' current transactions.
+const WORKER_STOP_BOUND: Duration = Duration::from_secs(10);
 /// Most inputs in one transaction.
 const MAX_BATCH: usize = 500;
 /// How often the owner looks for deadlines that passed.
@@ -175,7 +177,22 @@ pub async fn run(
             }
         }
     };
-    drop(workers);
+    // Each worker ends after its current transaction; one that does not within the
+    // bound is aborted (its transaction is then aborted by the next owner's fencing).
+    for (_, (_, stop)) in workers.drain() {
+        stop.cancel();
+    }
+    let bound = tokio::time::sleep(WORKER_STOP_BOUND);
+    tokio::pin!(bound);
+    loop {
+        tokio::select! {
+            _ = &mut bound => {
+                warn!("workers still busy at the shutdown bound; aborting them");
+                break;
+            }
+            next = tasks.join_next() => if next.is_none() { break },
+        }
+    }
     tasks.shutdown().await;
     shared.status.rebuilding.store(0, Ordering::SeqCst);
     shared.consumer.unsubscribe();
