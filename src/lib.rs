@@ -6,6 +6,7 @@
 //! `shutdown` is cancelled.
 
 pub mod config;
+pub mod openapi;
 pub mod ops;
 pub mod readiness;
 pub mod replay;
@@ -324,6 +325,7 @@ pub fn router(state: AppState, ops: ops::Ops, routes: Router) -> Router {
         .route("/healthz", get(readiness::healthz))
         .route("/readyz", get(readiness::readyz).with_state(state.readiness.clone()))
         .route("/metrics", get(ops::metrics).with_state(ops))
+        .route("/openapi.json", get(openapi::openapi_json))
         .merge(routes)
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .method_not_allowed_fallback(|| async {

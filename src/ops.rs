@@ -25,6 +25,8 @@ type Family = (
 );
 
 /// `GET /metrics`.
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "ops",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 pub async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
     let processors = &ops.processors;
     let mut out = String::new();

@@ -27,12 +27,19 @@ pub struct Readiness {
 }
 
 /// `GET /healthz`: `200` while the process runs.
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "ops",
+    responses((status = 200, description = "the process runs", body = Object)))]
 pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// `GET /readyz`: `200` when Kafka and PostgreSQL answer and every owned partition has
 /// been rebuilt, else `503 not_ready` naming what failed.
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "ops",
+    responses(
+        (status = 200, description = "Kafka and PostgreSQL answer and owned partitions are rebuilt", body = Object),
+        (status = 503, description = "not ready (or shutting down); `details` says what failed", body = api::openapi::ErrorBody)
+    ))]
 pub async fn readyz(State(ready): State<Readiness>) -> Result<Json<Value>, ApiError> {
     if ready.draining.load(Ordering::SeqCst) {
         return Err(ApiError::not_ready(

@@ -5,6 +5,7 @@ use aggregates::{
     Cents, CustomerId, Inventory, InventoryCommand, Order, OrderCommand, OrderId, OrderLine,
     PaymentAccount, PaymentCommand, Quantity, Sku, ValueError,
 };
+use api::openapi::{CommandAccepted, CommandHeaders, ErrorBody};
 use api::{json_body, parse_customer_id, parse_order_id, parse_sku, ApiError};
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -16,12 +17,29 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::PgPool;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::bus::{CommandBus, DispatchError};
 use crate::idempotency::{self, Claim};
 use crate::stream::CommandStream;
 use crate::wire::{CommandEnvelope, CommandResult};
+
+/// The OpenAPI description of the command routes.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(
+        create_order,
+        add_line,
+        remove_line,
+        place_order,
+        cancel_order,
+        restock,
+        deposit
+    ),
+    components(schemas(ErrorBody, CommandAccepted))
+)]
+pub struct CommandRoutesDoc;
 
 /// What the command routes need.
 #[derive(Clone)]
@@ -43,42 +61,59 @@ pub fn routes(api: CommandApi) -> Router {
         .with_state(api)
 }
 
-#[derive(Deserialize)]
+/// One order line.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LineBody {
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
     sku: String,
+    #[schema(minimum = 1, maximum = 1000)]
     quantity: i64,
+    #[schema(minimum = 1, maximum = 100000000)]
     unit_price_cents: i64,
 }
 
-#[derive(Deserialize)]
+/// A new draft order; `order_id` is chosen by the client or generated.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateOrderBody {
     #[serde(default)]
+    #[schema(value_type = Option<uuid::Uuid>)]
     order_id: Option<String>,
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
     customer_id: String,
+    /// One line per SKU, 1 to 50 lines.
+    #[schema(min_items = 1, max_items = 50)]
     lines: Vec<LineBody>,
 }
 
-#[derive(Deserialize)]
+/// `{}`: the command takes no fields.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct EmptyBody {}
 
-#[derive(Deserialize)]
+/// Why the order is cancelled.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CancelBody {
+    /// Not blank, at most 1,000 characters.
+    #[schema(min_length = 1, max_length = 1000, pattern = r"\S")]
     reason: String,
 }
 
-#[derive(Deserialize)]
+/// Units to add on hand.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RestockBody {
+    #[schema(minimum = 1, maximum = 1000000)]
     quantity: i64,
 }
 
-#[derive(Deserialize)]
+/// Funds to add.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DepositBody {
+    #[schema(minimum = 1, maximum = 100000000)]
     amount_cents: i64,
 }
 
@@ -111,6 +146,24 @@ async fn read<T: serde::de::DeserializeOwned>(
     Ok((typed, value))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/orders",
+    operation_id = "create_order",
+    tag = "orders",
+    summary = "Create a draft order with its lines",
+    request_body = CreateOrderBody,
+    params(CommandHeaders),
+    responses(
+        (status = 201, description = "created", body = CommandAccepted),
+        (status = 400, description = "malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers", body = ErrorBody),
+        (status = 409, description = "If-Match named another version (`details.current_version`)", body = ErrorBody),
+        (status = 413, description = "body over 65,536 bytes", body = ErrorBody),
+        (status = 415, description = "a body that is not `application/json`", body = ErrorBody),
+        (status = 422, description = "a rule says no (`details.rule`), or the Idempotency-Key was used for another request", body = ErrorBody),
+        (status = 503, description = "no outcome within the command timeout (a retry with the same Idempotency-Key is safe), or not ready", body = ErrorBody)
+    )
+)]
 async fn create_order(State(api): State<CommandApi>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let result = async {
@@ -150,6 +203,25 @@ async fn create_order(State(api): State<CommandApi>, request: Request) -> Respon
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/orders/{order_id}/lines",
+    operation_id = "add_line",
+    tag = "orders",
+    summary = "Add a line (or units to an existing line)",
+    request_body = LineBody,
+    params(("order_id" = uuid::Uuid, Path, description = "the order's UUID"), CommandHeaders),
+    responses(
+        (status = 200, description = "applied", body = CommandAccepted),
+        (status = 400, description = "malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers", body = ErrorBody),
+        (status = 404, description = "no such aggregate", body = ErrorBody),
+        (status = 409, description = "If-Match named another version (`details.current_version`)", body = ErrorBody),
+        (status = 413, description = "body over 65,536 bytes", body = ErrorBody),
+        (status = 415, description = "a body that is not `application/json`", body = ErrorBody),
+        (status = 422, description = "a rule says no (`details.rule`), or the Idempotency-Key was used for another request", body = ErrorBody),
+        (status = 503, description = "no outcome within the command timeout (a retry with the same Idempotency-Key is safe), or not ready", body = ErrorBody)
+    )
+)]
 async fn add_line(
     State(api): State<CommandApi>,
     Path(order_id): Path<String>,
@@ -165,6 +237,25 @@ async fn add_line(
     api.respond::<Order>(&parts, result).await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/orders/{order_id}/lines/{sku}",
+    operation_id = "remove_line",
+    tag = "orders",
+    summary = "Remove a SKU's line from a draft order",
+    request_body (content = Option<EmptyBody>, content_type = "application/json", description = "`{}` or no body"),
+    params(("order_id" = uuid::Uuid, Path, description = "the order's UUID"), ("sku" = String, Path, pattern = r"^[A-Za-z0-9._-]{1,64}$"), CommandHeaders),
+    responses(
+        (status = 200, description = "applied", body = CommandAccepted),
+        (status = 400, description = "malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers", body = ErrorBody),
+        (status = 404, description = "no such aggregate", body = ErrorBody),
+        (status = 409, description = "If-Match named another version (`details.current_version`)", body = ErrorBody),
+        (status = 413, description = "body over 65,536 bytes", body = ErrorBody),
+        (status = 415, description = "a body that is not `application/json`", body = ErrorBody),
+        (status = 422, description = "a rule says no (`details.rule`), or the Idempotency-Key was used for another request", body = ErrorBody),
+        (status = 503, description = "no outcome within the command timeout (a retry with the same Idempotency-Key is safe), or not ready", body = ErrorBody)
+    )
+)]
 async fn remove_line(
     State(api): State<CommandApi>,
     Path((order_id, sku)): Path<(String, String)>,
@@ -181,6 +272,25 @@ async fn remove_line(
     api.respond::<Order>(&parts, result).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/orders/{order_id}/place",
+    operation_id = "place_order",
+    tag = "orders",
+    summary = "Place the order: starts the fulfilment saga",
+    request_body (content = Option<EmptyBody>, content_type = "application/json", description = "`{}` or no body"),
+    params(("order_id" = uuid::Uuid, Path, description = "the order's UUID"), CommandHeaders),
+    responses(
+        (status = 200, description = "applied", body = CommandAccepted),
+        (status = 400, description = "malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers", body = ErrorBody),
+        (status = 404, description = "no such aggregate", body = ErrorBody),
+        (status = 409, description = "If-Match named another version (`details.current_version`)", body = ErrorBody),
+        (status = 413, description = "body over 65,536 bytes", body = ErrorBody),
+        (status = 415, description = "a body that is not `application/json`", body = ErrorBody),
+        (status = 422, description = "a rule says no (`details.rule`), or the Idempotency-Key was used for another request", body = ErrorBody),
+        (status = 503, description = "no outcome within the command timeout (a retry with the same Idempotency-Key is safe), or not ready", body = ErrorBody)
+    )
+)]
 async fn place_order(
     State(api): State<CommandApi>,
     Path(order_id): Path<String>,
@@ -196,6 +306,25 @@ async fn place_order(
     api.respond::<Order>(&parts, result).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/orders/{order_id}/cancel",
+    operation_id = "cancel_order",
+    tag = "orders",
+    summary = "Cancel a draft, placed or confirmed order",
+    request_body = CancelBody,
+    params(("order_id" = uuid::Uuid, Path, description = "the order's UUID"), CommandHeaders),
+    responses(
+        (status = 200, description = "applied", body = CommandAccepted),
+        (status = 400, description = "malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers", body = ErrorBody),
+        (status = 404, description = "no such aggregate", body = ErrorBody),
+        (status = 409, description = "If-Match named another version (`details.current_version`)", body = ErrorBody),
+        (status = 413, description = "body over 65,536 bytes", body = ErrorBody),
+        (status = 415, description = "a body that is not `application/json`", body = ErrorBody),
+        (status = 422, description = "a rule says no (`details.rule`), or the Idempotency-Key was used for another request", body = ErrorBody),
+        (status = 503, description = "no outcome within the command timeout (a retry with the same Idempotency-Key is safe), or not ready", body = ErrorBody)
+    )
+)]
 async fn cancel_order(
     State(api): State<CommandApi>,
     Path(order_id): Path<String>,
@@ -217,6 +346,25 @@ async fn cancel_order(
     api.respond::<Order>(&parts, result).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/inventory/{sku}/restock",
+    operation_id = "restock",
+    tag = "inventory",
+    summary = "Add units of a SKU on hand",
+    request_body = RestockBody,
+    params(("sku" = String, Path, pattern = r"^[A-Za-z0-9._-]{1,64}$"), CommandHeaders),
+    responses(
+        (status = 200, description = "applied", body = CommandAccepted),
+        (status = 201, description = "applied, the first time for this aggregate", body = CommandAccepted),
+        (status = 400, description = "malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers", body = ErrorBody),
+        (status = 409, description = "If-Match named another version (`details.current_version`)", body = ErrorBody),
+        (status = 413, description = "body over 65,536 bytes", body = ErrorBody),
+        (status = 415, description = "a body that is not `application/json`", body = ErrorBody),
+        (status = 422, description = "a rule says no (`details.rule`), or the Idempotency-Key was used for another request", body = ErrorBody),
+        (status = 503, description = "no outcome within the command timeout (a retry with the same Idempotency-Key is safe), or not ready", body = ErrorBody)
+    )
+)]
 async fn restock(
     State(api): State<CommandApi>,
     Path(sku): Path<String>,
@@ -237,6 +385,25 @@ async fn restock(
     api.respond::<Inventory>(&parts, result).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/accounts/{customer_id}/deposits",
+    operation_id = "deposit",
+    tag = "accounts",
+    summary = "Add funds to a customer's account",
+    request_body = DepositBody,
+    params(("customer_id" = String, Path, pattern = r"^[A-Za-z0-9._-]{1,64}$"), CommandHeaders),
+    responses(
+        (status = 200, description = "applied", body = CommandAccepted),
+        (status = 201, description = "applied, the first time for this aggregate", body = CommandAccepted),
+        (status = 400, description = "malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers", body = ErrorBody),
+        (status = 409, description = "If-Match named another version (`details.current_version`)", body = ErrorBody),
+        (status = 413, description = "body over 65,536 bytes", body = ErrorBody),
+        (status = 415, description = "a body that is not `application/json`", body = ErrorBody),
+        (status = 422, description = "a rule says no (`details.rule`), or the Idempotency-Key was used for another request", body = ErrorBody),
+        (status = 503, description = "no outcome within the command timeout (a retry with the same Idempotency-Key is safe), or not ready", body = ErrorBody)
+    )
+)]
 async fn deposit(
     State(api): State<CommandApi>,
     Path(customer_id): Path<String>,

@@ -190,7 +190,15 @@ pub fn routes(admin: Admin) -> Router {
         .with_state(admin)
 }
 
-async fn list(State(admin): State<Admin>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/admin/projections",
+    operation_id = "list_projections",
+    tag = "admin",
+    summary = "Every projection: status, lag, replay progress, dead letters",
+    responses((status = 200, description = "the projections", body = crate::openapi::ProjectionList))
+)]
+pub(crate) async fn list(State(admin): State<Admin>) -> Response {
     let mut items = Vec::new();
     for kind in Kind::ALL {
         match admin.status(kind).await {
@@ -201,7 +209,22 @@ async fn list(State(admin): State<Admin>) -> Response {
     Json(json!({ "items": items })).into_response()
 }
 
-async fn replay(
+#[utoipa::path(
+    post,
+    path = "/v1/admin/projections/{name}/replay",
+    operation_id = "replay_projection",
+    tag = "admin",
+    summary = "Rebuild a projection from offset 0 in the background",
+    params(("name" = String, Path, description = "orders, inventory, accounts, journal or sagas")),
+    request_body(content = Option<Object>, content_type = "application/json", description = "`{}` or no body"),
+    responses(
+        (status = 202, description = "replay started; follow it in GET /v1/admin/projections", body = Object),
+        (status = 400, description = "a body other than `{}`", body = api::openapi::ErrorBody),
+        (status = 404, description = "no such projection", body = api::openapi::ErrorBody),
+        (status = 409, description = "already replaying", body = api::openapi::ErrorBody)
+    )
+)]
+pub(crate) async fn replay(
     State(admin): State<Admin>,
     Path(name): Path<String>,
     body: axum::body::Bytes,

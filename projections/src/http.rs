@@ -18,9 +18,12 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::kinds::{Kind, Record};
+#[allow(unused_imports)]
+use crate::openapi::{AccountView, History, InventoryView, OrderPage, OrderView, SagaView};
 use crate::orders::{self, OrderRow};
 use crate::progress::Progress;
 use crate::{accounts, inventory};
+use api::openapi::{ErrorBody, QueryHeaders};
 
 /// How long a query waits for its consistency token.
 const TOKEN_WAIT: Duration = Duration::from_secs(10);
@@ -150,7 +153,21 @@ fn respond(result: Result<Response, ApiError>) -> Response {
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn get_order(
+#[utoipa::path(
+    get,
+    path = "/v1/orders/{order_id}",
+    operation_id = "get_order",
+    tag = "orders",
+    summary = "An order (or its state after event N)",
+    params(("order_id" = uuid::Uuid, Path), ("at_version" = Option<u64>, Query, minimum = 1, description = "the order as it was after event N"), QueryHeaders),
+    responses(
+        (status = 200, description = "found", body = OrderView),
+        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
+        (status = 404, description = "no such aggregate", body = ErrorBody),
+        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+    )
+)]
+pub(crate) async fn get_order(
     State(api): State<QueryApi>,
     Path(id): Path<String>,
     query: Params,
@@ -184,7 +201,21 @@ async fn get_order(
 }
 
 /// `GET /v1/orders/{id}/saga`: the fulfilment saga's status and step timeline.
-async fn get_saga(
+#[utoipa::path(
+    get,
+    path = "/v1/orders/{order_id}/saga",
+    operation_id = "get_order_saga",
+    tag = "orders",
+    summary = "The order's fulfilment saga and its step timeline",
+    params(("order_id" = uuid::Uuid, Path), QueryHeaders),
+    responses(
+        (status = 200, description = "found", body = SagaView),
+        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
+        (status = 404, description = "no such aggregate", body = ErrorBody),
+        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+    )
+)]
+pub(crate) async fn get_saga(
     State(api): State<QueryApi>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -237,7 +268,25 @@ async fn order_at_version(api: &QueryApi, order_id: Uuid, at: i64) -> Result<Res
     Ok(with_etag(row.view()))
 }
 
-async fn list_orders(State(api): State<QueryApi>, query: Params, headers: HeaderMap) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/orders",
+    operation_id = "list_orders",
+    tag = "orders",
+    summary = "A customer's orders, newest first",
+    params(("customer_id" = String, Query, pattern = r"^[A-Za-z0-9._-]{1,64}$"), ("status" = Option<String>, Query, pattern = "^(draft|placed|confirmed|rejected|cancelled)$"), ("limit" = Option<u32>, Query, minimum = 1, maximum = 500), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"), QueryHeaders),
+    responses(
+        (status = 200, description = "found", body = OrderPage),
+        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
+        (status = 422, description = "a parameter out of range (`details.rule`)", body = ErrorBody),
+        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+    )
+)]
+pub(crate) async fn list_orders(
+    State(api): State<QueryApi>,
+    query: Params,
+    headers: HeaderMap,
+) -> Response {
     respond(async {
         let params = params(query)?;
         let customer = params
@@ -317,7 +366,21 @@ fn decode_cursor(s: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
     Ok((at, id))
 }
 
-async fn order_events(
+#[utoipa::path(
+    get,
+    path = "/v1/orders/{order_id}/events",
+    operation_id = "order_events",
+    tag = "orders",
+    summary = "The order's events by sequence",
+    params(("order_id" = uuid::Uuid, Path), QueryHeaders),
+    responses(
+        (status = 200, description = "found", body = History),
+        (status = 404, description = "no such aggregate", body = ErrorBody),
+        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
+        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+    )
+)]
+pub(crate) async fn order_events(
     State(api): State<QueryApi>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -331,7 +394,21 @@ async fn order_events(
     )
 }
 
-async fn get_inventory(
+#[utoipa::path(
+    get,
+    path = "/v1/inventory/{sku}",
+    operation_id = "get_inventory",
+    tag = "inventory",
+    summary = "Stock of a SKU",
+    params(("sku" = String, Path, pattern = r"^[A-Za-z0-9._-]{1,64}$"), QueryHeaders),
+    responses(
+        (status = 200, description = "found", body = InventoryView),
+        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
+        (status = 404, description = "no such aggregate", body = ErrorBody),
+        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+    )
+)]
+pub(crate) async fn get_inventory(
     State(api): State<QueryApi>,
     Path(sku): Path<String>,
     headers: HeaderMap,
@@ -355,7 +432,21 @@ async fn get_inventory(
     )
 }
 
-async fn inventory_events(
+#[utoipa::path(
+    get,
+    path = "/v1/inventory/{sku}/events",
+    operation_id = "inventory_events",
+    tag = "inventory",
+    summary = "The SKU's events by sequence",
+    params(("sku" = String, Path, pattern = r"^[A-Za-z0-9._-]{1,64}$"), QueryHeaders),
+    responses(
+        (status = 200, description = "found", body = History),
+        (status = 404, description = "no such aggregate", body = ErrorBody),
+        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
+        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+    )
+)]
+pub(crate) async fn inventory_events(
     State(api): State<QueryApi>,
     Path(sku): Path<String>,
     headers: HeaderMap,
@@ -369,7 +460,21 @@ async fn inventory_events(
     )
 }
 
-async fn get_account(
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{customer_id}",
+    operation_id = "get_account",
+    tag = "accounts",
+    summary = "A customer's balance",
+    params(("customer_id" = String, Path, pattern = r"^[A-Za-z0-9._-]{1,64}$"), QueryHeaders),
+    responses(
+        (status = 200, description = "found", body = AccountView),
+        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
+        (status = 404, description = "no such aggregate", body = ErrorBody),
+        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+    )
+)]
+pub(crate) async fn get_account(
     State(api): State<QueryApi>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -392,7 +497,21 @@ async fn get_account(
     )
 }
 
-async fn account_events(
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{customer_id}/events",
+    operation_id = "account_events",
+    tag = "accounts",
+    summary = "The account's events by sequence",
+    params(("customer_id" = String, Path, pattern = r"^[A-Za-z0-9._-]{1,64}$"), QueryHeaders),
+    responses(
+        (status = 200, description = "found", body = History),
+        (status = 404, description = "no such aggregate", body = ErrorBody),
+        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
+        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+    )
+)]
+pub(crate) async fn account_events(
     State(api): State<QueryApi>,
     Path(id): Path<String>,
     headers: HeaderMap,

@@ -17,6 +17,7 @@ pub mod http;
 mod inventory;
 mod journal;
 mod kinds;
+pub mod openapi;
 mod orders;
 mod progress;
 pub mod replay;
