@@ -120,6 +120,24 @@ pub struct RunArgs {
     /// before exiting anyway, in seconds.
     #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
+    /// Turns authentication on: bearer JWTs signed HS256 with this secret. Off (neither
+    /// this nor the RS256 key set) lets every request through.
+    #[arg(long, env = "TALLY_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<String>,
+    /// Turns authentication on: bearer JWTs signed RS256, checked with the RSA public key
+    /// in this PEM file.
+    #[arg(
+        long,
+        env = "TALLY_JWT_RS256_PUBLIC_KEY_FILE",
+        conflicts_with = "jwt_hs256_secret"
+    )]
+    pub jwt_rs256_public_key_file: Option<std::path::PathBuf>,
+    /// With authentication on, also require this `iss` claim.
+    #[arg(long, env = "TALLY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// With authentication on, also require this `aud` claim.
+    #[arg(long, env = "TALLY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
     /// How long a command request waits for its outcome before answering 503, in seconds.
     #[arg(long, env = "TALLY_COMMAND_TIMEOUT_SECS", default_value_t = 10)]
     pub command_timeout_secs: u64,
@@ -153,6 +171,36 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
         _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+impl RunArgs {
+    /// The token checker these settings describe; `None` when authentication is off.
+    pub fn authenticator(&self) -> anyhow::Result<Option<api::auth::Authenticator>> {
+        let auth = match (&self.jwt_hs256_secret, &self.jwt_rs256_public_key_file) {
+            (Some(secret), _) => {
+                anyhow::ensure!(
+                    secret.len() >= 32,
+                    "TALLY_JWT_HS256_SECRET must be at least 32 bytes; generate one with `openssl rand -base64 48`"
+                );
+                api::auth::Authenticator::hs256(secret.as_bytes())
+            }
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    anyhow::anyhow!("reading the RS256 public key {}: {e}", path.display())
+                })?;
+                api::auth::Authenticator::rs256(&pem).map_err(anyhow::Error::msg)?
+            }
+            (None, None) => return Ok(None),
+        };
+        let auth = match &self.jwt_issuer {
+            Some(issuer) => auth.with_issuer(issuer),
+            None => auth,
+        };
+        Ok(Some(match &self.jwt_audience {
+            Some(audience) => auth.with_audience(audience),
+            None => auth,
+        }))
     }
 }
 

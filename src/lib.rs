@@ -193,6 +193,10 @@ pub async fn run(
     };
 
     let admin_handle = admin.clone();
+    let auth = settings.authenticator()?.map(Arc::new);
+    if settings.roles.contains(&Role::Api) && auth.is_none() {
+        warn!("AUTHENTICATION IS OFF: every request is let through. Set TALLY_JWT_HS256_SECRET or TALLY_JWT_RS256_PUBLIC_KEY_FILE before exposing this API");
+    }
     if settings.roles.contains(&Role::Api) {
         let listener = listener.context("the api role needs a listener")?;
         commands::start_results_listener(&state.kafka, local.clone(), workers.clone()).await?;
@@ -218,6 +222,7 @@ pub async fn run(
         let draining = state.readiness.draining.clone();
         let app = router(
             state,
+            auth,
             ops::Ops {
                 processors: statuses,
                 sagas,
@@ -320,7 +325,12 @@ fn spawn_processor<A: CommandStream>(
 /// The HTTP API: every route, the correlation id in and out, request tracing, and the
 /// API.md error shape for unknown routes.
 /// `routes` are the command, query and admin routes this process serves.
-pub fn router(state: AppState, ops: ops::Ops, routes: Router) -> Router {
+pub fn router(
+    state: AppState,
+    auth: Option<Arc<api::auth::Authenticator>>,
+    ops: ops::Ops,
+    routes: Router,
+) -> Router {
     Router::new()
         .route("/healthz", get(readiness::healthz))
         .route("/readyz", get(readiness::readyz).with_state(state.readiness.clone()))
@@ -331,6 +341,7 @@ pub fn router(state: AppState, ops: ops::Ops, routes: Router) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
         })
+        .layer(axum::middleware::from_fn_with_state(auth, api::auth::authenticate))
         .layer(axum::middleware::map_response(api::client_errors_in_shape))
         .layer(PropagateRequestIdLayer::new(CORRELATION_ID))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {

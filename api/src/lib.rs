@@ -2,6 +2,7 @@
 //! (`projections`) and the ops routes (the `tally` binary): the one error shape of API.md,
 //! a strict JSON body reader, and parsing of ids in paths.
 
+pub mod auth;
 mod body;
 mod error;
 pub mod openapi;

@@ -5,6 +5,7 @@ use aggregates::{
     Cents, CustomerId, Inventory, InventoryCommand, Order, OrderCommand, OrderId, OrderLine,
     PaymentAccount, PaymentCommand, Quantity, Sku, ValueError,
 };
+use api::auth::{require_customer, Principal};
 use api::openapi::{CommandAccepted, CommandHeaders, ErrorBody};
 use api::{json_body, parse_customer_id, parse_order_id, parse_sku, ApiError};
 use axum::body::Body;
@@ -176,6 +177,7 @@ async fn create_order(State(api): State<CommandApi>, request: Request) -> Respon
             None => OrderId(command_id),
         };
         let customer_id = CustomerId::new(body.customer_id).map_err(out_of_range)?;
+        require_customer(parts.extensions.get::<Principal>(), customer_id.as_str())?;
         let lines = body
             .lines
             .into_iter()
@@ -472,14 +474,20 @@ impl CommandApi {
     ) -> Result<CommandResult, ApiError> {
         let expected_version = if_match(&parts.headers)?;
         let key = idempotency_key(&parts.headers)?;
+        let actor = parts.extensions.get::<Principal>().map(Principal::actor);
         let mut command = serde_json::to_value(command).map_err(ApiError::internal)?;
         let mut command_id = command_id.unwrap_or_else(Uuid::new_v4);
         if let Some(key) = &key {
+            // The caller is part of the request: another caller's key is another request.
             let fingerprint = format!(
-                "{} {} {}",
+                "{} {} {}{}",
                 parts.method,
                 parts.uri.path(),
-                canonical(raw_body)
+                canonical(raw_body),
+                actor
+                    .as_deref()
+                    .map(|a| format!(" {a}"))
+                    .unwrap_or_default()
             );
             match idempotency::claim(&self.pool, key, &fingerprint)
                 .await
@@ -524,7 +532,7 @@ impl CommandApi {
             idempotent: key.is_some(),
             correlation_id: header("x-correlation-id"),
             traceparent: header("traceparent"),
-            actor: None,
+            actor,
             reply_to: None,
             deadline: None,
         };

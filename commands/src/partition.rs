@@ -446,6 +446,15 @@ impl<A: CommandStream> PartitionWorker<A> {
             envelope.expected_version,
             serde_json::from_value::<A::Command>(envelope.command.clone()),
         ) {
+            // A customer acts only on its own orders, judged against the write model.
+            _ if api::auth::actor_customer(envelope.actor.as_deref()).is_some_and(|customer| {
+                slot.state.owner().is_some_and(|owner| owner != customer)
+            }) =>
+            {
+                rejected(api::auth::forbidden(
+                    "this token's customer may act only on its own orders",
+                ))
+            }
             _ if envelope.deadline.is_some_and(|deadline| now > deadline) => {
                 rejected(api::ApiError::new(
                     axum::http::StatusCode::REQUEST_TIMEOUT,

@@ -23,6 +23,12 @@ pub trait CommandStream:
 
     /// The HTTP answer for a command this aggregate refused.
     fn rejection(err: &Self::Error) -> ApiError;
+
+    /// The customer this aggregate belongs to, if it belongs to one that a `customer`
+    /// token must match (an order's customer).
+    fn owner(&self) -> Option<&str> {
+        None
+    }
 }
 
 fn rule(rule: &str, err: &impl std::fmt::Display) -> ApiError {
@@ -38,6 +44,10 @@ impl CommandStream for Order {
         } else {
             rule(err.rule(), err)
         }
+    }
+
+    fn owner(&self) -> Option<&str> {
+        self.customer_id.as_ref().map(|c| c.as_str())
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use aggregates::OrderStatus;
 use api::{parse_customer_id, parse_order_id, parse_sku, ApiError};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -23,6 +23,7 @@ use crate::openapi::{AccountView, History, InventoryView, OrderPage, OrderView, 
 use crate::orders::{self, OrderRow};
 use crate::progress::Progress;
 use crate::{accounts, inventory};
+use api::auth::{require_customer, Principal};
 use api::openapi::{ErrorBody, QueryHeaders};
 
 /// How long a query waits for its consistency token.
@@ -128,6 +129,7 @@ impl QueryApi {
     async fn events(
         &self,
         headers: &HeaderMap,
+        principal: Option<&Principal>,
         aggregate_type: &str,
         id: &str,
     ) -> Result<Response, ApiError> {
@@ -136,8 +138,19 @@ impl QueryApi {
         if events.is_empty() {
             return Err(ApiError::not_found(format!("no {aggregate_type} {id}")));
         }
+        if aggregate_type == "order" {
+            require_customer(principal, order_customer(&events))?;
+        }
         Ok(Json(json!({ "events": events })).into_response())
     }
+}
+
+/// The customer of an order, from its first event (`OrderCreated`).
+fn order_customer(events: &[EventEnvelope]) -> &str {
+    events
+        .first()
+        .and_then(|e| e.payload["customer_id"].as_str())
+        .unwrap_or_default()
 }
 
 fn with_etag(view: Value) -> Response {
@@ -169,6 +182,7 @@ fn respond(result: Result<Response, ApiError>) -> Response {
 )]
 pub(crate) async fn get_order(
     State(api): State<QueryApi>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<String>,
     query: Params,
     headers: HeaderMap,
@@ -183,7 +197,7 @@ pub(crate) async fn get_order(
                         .with_details(json!({ "field": "at_version" }))
                 })?;
                 api.caught_up(&headers, Kind::Journal).await?;
-                return order_at_version(&api, order_id.0, at).await;
+                return order_at_version(&api, principal.as_deref(), order_id.0, at).await;
             }
             api.caught_up(&headers, Kind::Orders).await?;
             let row = sqlx::query(&orders::select("orders", "WHERE order_id = $1"))
@@ -192,9 +206,10 @@ pub(crate) async fn get_order(
                 .await
                 .map_err(ApiError::internal)?
                 .ok_or_else(|| ApiError::not_found(format!("no order {order_id}")))?;
-            Ok(with_etag(
-                orders::from_row(&row).map_err(ApiError::internal)?.view(),
-            ))
+            let order = orders::from_row(&row).map_err(ApiError::internal)?;
+            let customer = order.order.customer_id.as_ref().map(|c| c.as_str());
+            require_customer(principal.as_deref(), customer.unwrap_or_default())?;
+            Ok(with_etag(order.view()))
         }
         .await,
     )
@@ -217,6 +232,7 @@ pub(crate) async fn get_order(
 )]
 pub(crate) async fn get_saga(
     State(api): State<QueryApi>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
@@ -235,7 +251,10 @@ pub(crate) async fn get_saga(
                             "order {order_id} has no saga: it was never placed (or the saga projection has not seen it yet)"
                         ))
                     })?;
-            let saga = serde_json::from_value(state).map_err(ApiError::internal)?;
+            let saga: sagas::Fulfilment =
+                serde_json::from_value(state).map_err(ApiError::internal)?;
+            let customer = saga.customer_id.as_ref().map(|c| c.as_str());
+            require_customer(principal.as_deref(), customer.unwrap_or_default())?;
             Ok(with_etag(crate::saga_views::view(order_id.0, &saga, version)))
         }
         .await,
@@ -243,11 +262,17 @@ pub(crate) async fn get_saga(
 }
 
 /// The order as it was after event `at`, folded from the journal with the aggregate's code.
-async fn order_at_version(api: &QueryApi, order_id: Uuid, at: i64) -> Result<Response, ApiError> {
+async fn order_at_version(
+    api: &QueryApi,
+    principal: Option<&Principal>,
+    order_id: Uuid,
+    at: i64,
+) -> Result<Response, ApiError> {
     let events = api.history("order", &order_id.to_string()).await?;
     if events.is_empty() {
         return Err(ApiError::not_found(format!("no order {order_id}")));
     }
+    require_customer(principal, order_customer(&events))?;
     if at > events.len() as i64 {
         return Err(ApiError::not_found(format!(
             "order {order_id} has no version {at}; it is at {}",
@@ -382,13 +407,19 @@ fn decode_cursor(s: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
 )]
 pub(crate) async fn order_events(
     State(api): State<QueryApi>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     respond(
         async {
-            api.events(&headers, "order", &parse_order_id(&id)?.to_string())
-                .await
+            api.events(
+                &headers,
+                principal.as_deref(),
+                "order",
+                &parse_order_id(&id)?.to_string(),
+            )
+            .await
         }
         .await,
     )
@@ -448,13 +479,19 @@ pub(crate) async fn get_inventory(
 )]
 pub(crate) async fn inventory_events(
     State(api): State<QueryApi>,
+    principal: Option<Extension<Principal>>,
     Path(sku): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     respond(
         async {
-            api.events(&headers, "inventory", parse_sku(&sku)?.as_str())
-                .await
+            api.events(
+                &headers,
+                principal.as_deref(),
+                "inventory",
+                parse_sku(&sku)?.as_str(),
+            )
+            .await
         }
         .await,
     )
@@ -513,6 +550,7 @@ pub(crate) async fn get_account(
 )]
 pub(crate) async fn account_events(
     State(api): State<QueryApi>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
@@ -520,6 +558,7 @@ pub(crate) async fn account_events(
         async {
             api.events(
                 &headers,
+                principal.as_deref(),
                 "payment_account",
                 parse_customer_id(&id)?.as_str(),
             )

@@ -1,0 +1,224 @@
+//! Who is calling: bearer JWTs (HS256 with a shared secret, or RS256 with a public key),
+//! turned into a [`Principal`] that the routes and the command processors judge against.
+//!
+//! Two roles: `admin` may do anything; `customer` acts only on its own customer id's
+//! orders and account. Off by default for local runs (every request is then let through,
+//! and the start-up log says so loudly).
+//!
+//! Where each rule is enforced:
+//! - here, from the path alone: `/v1/admin/*` needs admin; `/v1/accounts/{id}*` needs
+//!   admin or that customer; restocking needs admin; listing orders needs admin or the
+//!   `customer_id` asked for; the ops routes (`/healthz`, `/readyz`, `/metrics`,
+//!   `/openapi.json`) are open;
+//! - in the create-order route, against the body's `customer_id`;
+//! - in the order command processor, against the order's customer in the write model (so
+//!   a customer cannot act on another's order, however new it is);
+//! - in the order query routes, against the read model's customer.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::ApiError;
+
+/// The caller, once its token checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Admin { subject: String },
+    Customer { customer_id: String },
+}
+
+impl Principal {
+    /// How the caller is recorded in events' metadata (`actor`) and judged by processors.
+    pub fn actor(&self) -> String {
+        match self {
+            Principal::Admin { subject } => format!("admin:{subject}"),
+            Principal::Customer { customer_id } => format!("customer:{customer_id}"),
+        }
+    }
+
+    /// May this caller act on `customer_id`'s orders and account?
+    pub fn may_act_for(&self, customer_id: &str) -> bool {
+        match self {
+            Principal::Admin { .. } => true,
+            Principal::Customer { customer_id: own } => own == customer_id,
+        }
+    }
+}
+
+/// `403 forbidden` unless `principal` (if auth is on) may act for `customer_id`.
+pub fn require_customer(principal: Option<&Principal>, customer_id: &str) -> Result<(), ApiError> {
+    match principal {
+        Some(p) if !p.may_act_for(customer_id) => Err(forbidden(
+            "this token's customer may act only on its own orders and account",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The customer a command's `actor` names, if it is a customer.
+pub fn actor_customer(actor: Option<&str>) -> Option<&str> {
+    actor.and_then(|a| a.strip_prefix("customer:"))
+}
+
+/// `401 unauthorized`.
+pub fn unauthorized(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+/// `403 forbidden`.
+pub fn forbidden(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+}
+
+/// How tokens are checked.
+pub struct Authenticator {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    /// `admin` or `customer`.
+    role: String,
+    /// The customer a `customer` token acts for (defaults to `sub`).
+    customer_id: Option<String>,
+}
+
+impl Authenticator {
+    /// HS256 with a shared secret.
+    pub fn hs256(secret: &[u8]) -> Self {
+        Self::new(DecodingKey::from_secret(secret), Algorithm::HS256)
+    }
+
+    /// RS256 with an RSA public key in PEM.
+    pub fn rs256(public_key_pem: &[u8]) -> Result<Self, String> {
+        let key = DecodingKey::from_rsa_pem(public_key_pem)
+            .map_err(|e| format!("the RS256 public key is not an RSA public key in PEM: {e}"))?;
+        Ok(Self::new(key, Algorithm::RS256))
+    }
+
+    fn new(key: DecodingKey, algorithm: Algorithm) -> Self {
+        let mut validation = Validation::new(algorithm);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 30;
+        Self { key, validation }
+    }
+
+    /// Also require `iss` to be this.
+    pub fn with_issuer(mut self, issuer: &str) -> Self {
+        self.validation.set_issuer(&[issuer]);
+        self
+    }
+
+    /// Also require `aud` to contain this.
+    pub fn with_audience(mut self, audience: &str) -> Self {
+        self.validation.set_audience(&[audience]);
+        self
+    }
+
+    /// The principal a bearer token stands for.
+    pub fn principal(&self, token: &str) -> Result<Principal, ApiError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| unauthorized(format!("the bearer token was refused: {e}")))?;
+        let claims = data.claims;
+        match claims.role.as_str() {
+            "admin" => Ok(Principal::Admin {
+                subject: claims.sub,
+            }),
+            "customer" => Ok(Principal::Customer {
+                customer_id: claims.customer_id.unwrap_or(claims.sub),
+            }),
+            other => Err(forbidden(format!(
+                "the token's role {other:?} is neither admin nor customer"
+            ))),
+        }
+    }
+}
+
+/// The middleware: checks the bearer token (when auth is on), applies the path rules,
+/// and puts the [`Principal`] in the request's extensions.
+pub async fn authenticate(
+    State(auth): State<Option<Arc<Authenticator>>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(auth) = auth else {
+        return next.run(request).await;
+    };
+    let path = request.uri().path().to_string();
+    if matches!(
+        path.as_str(),
+        "/healthz" | "/readyz" | "/metrics" | "/openapi.json"
+    ) {
+        return next.run(request).await;
+    }
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+    let principal = match token {
+        None => Err(unauthorized(
+            "send `Authorization: Bearer <JWT>`; this Tally has authentication on",
+        )),
+        Some(token) => auth.principal(token.trim()),
+    };
+    let checked = principal
+        .and_then(|p| by_path(&p, request.method(), &path, request.uri().query()).map(|()| p));
+    match checked {
+        Ok(principal) => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Err(error) => {
+            let unauthorized = error.status == StatusCode::UNAUTHORIZED;
+            let mut response = error.into_response();
+            if unauthorized {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"tally\""),
+                );
+            }
+            response
+        }
+    }
+}
+
+/// The rules that need nothing but the path (and query).
+fn by_path(
+    principal: &Principal,
+    method: &axum::http::Method,
+    path: &str,
+    query: Option<&str>,
+) -> Result<(), ApiError> {
+    if matches!(principal, Principal::Admin { .. }) {
+        return Ok(());
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["v1", "admin", ..] => Err(forbidden("the admin routes need a token with role admin")),
+        // Ids are `[A-Za-z0-9._-]`: a percent-encoded segment is no valid id, and cannot
+        // match the token's customer either.
+        ["v1", "accounts", customer, ..] => require_customer(Some(principal), customer),
+        ["v1", "inventory", _, "restock"] => Err(forbidden("restocking needs role admin")),
+        ["v1", "orders"] if method == axum::http::Method::GET => {
+            let asked = query
+                .into_iter()
+                .flat_map(|q| q.split('&'))
+                .find_map(|kv| kv.strip_prefix("customer_id="))
+                .unwrap_or_default();
+            require_customer(Some(principal), asked)
+        }
+        _ => Ok(()),
+    }
+}
