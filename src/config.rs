@@ -135,6 +135,18 @@ pub struct RunArgs {
     /// With authentication on, also require this `iss` claim.
     #[arg(long, env = "TALLY_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
+    /// Requests a second each client may send on average (its token's principal, or its
+    /// IP address without authentication); past it: 429 with Retry-After. 0 turns the
+    /// limit off.
+    #[arg(long, env = "TALLY_RATE_LIMIT_PER_SEC", default_value_t = 10_000.0)]
+    pub rate_limit_per_sec: f64,
+    /// Requests each client may send at once, above the rate.
+    #[arg(long, env = "TALLY_RATE_LIMIT_BURST", default_value_t = 20_000)]
+    pub rate_limit_burst: u32,
+    /// Longest a request may take before it is answered 408 (commands wait at most
+    /// --command-timeout-secs, token queries 10 s).
+    #[arg(long, env = "TALLY_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub request_timeout_secs: u64,
     /// With authentication on, also require this `aud` claim.
     #[arg(long, env = "TALLY_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,

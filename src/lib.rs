@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::{error, info, warn};
 
@@ -220,9 +221,19 @@ pub async fn run(
             routes = routes.merge(projections::admin::routes(admin));
         }
         let draining = state.readiness.draining.clone();
+        let limits = Limits {
+            auth,
+            rate: (settings.rate_limit_per_sec > 0.0).then(|| {
+                Arc::new(api::limits::RateLimiter::new(
+                    settings.rate_limit_per_sec,
+                    settings.rate_limit_burst,
+                ))
+            }),
+            request_timeout: Duration::from_secs(settings.request_timeout_secs),
+        };
         let app = router(
             state,
-            auth,
+            limits,
             ops::Ops {
                 processors: statuses,
                 sagas,
@@ -232,19 +243,22 @@ pub async fn run(
         info!(addr = %listener.local_addr()?, roles = ?settings.roles, "serving the HTTP API");
         let stop = shutdown.clone();
         let drain = Duration::from_millis(settings.shutdown_drain_ms);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                stop.cancelled().await;
-                draining.store(true, std::sync::atomic::Ordering::SeqCst);
-                info!(
-                    drain_ms = drain.as_millis() as u64,
-                    "shutting down: /readyz answers 503; serving until the drain period ends"
-                );
-                tokio::time::sleep(drain).await;
-                info!("no longer accepting connections; finishing in-flight requests");
-            })
-            .await
-            .context("serving HTTP")?;
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            stop.cancelled().await;
+            draining.store(true, std::sync::atomic::Ordering::SeqCst);
+            info!(
+                drain_ms = drain.as_millis() as u64,
+                "shutting down: /readyz answers 503; serving until the drain period ends"
+            );
+            tokio::time::sleep(drain).await;
+            info!("no longer accepting connections; finishing in-flight requests");
+        })
+        .await
+        .context("serving HTTP")?;
     } else {
         info!(roles = ?settings.roles, "running without the HTTP API");
         shutdown.cancelled().await;
@@ -322,15 +336,19 @@ fn spawn_processor<A: CommandStream>(
     (A::STREAM, status)
 }
 
+/// Who may call, how often, and for how long.
+pub struct Limits {
+    /// `None`: authentication is off.
+    pub auth: Option<Arc<api::auth::Authenticator>>,
+    /// `None`: no rate limit.
+    pub rate: Option<Arc<api::limits::RateLimiter>>,
+    pub request_timeout: Duration,
+}
+
 /// The HTTP API: every route, the correlation id in and out, request tracing, and the
 /// API.md error shape for unknown routes.
 /// `routes` are the command, query and admin routes this process serves.
-pub fn router(
-    state: AppState,
-    auth: Option<Arc<api::auth::Authenticator>>,
-    ops: ops::Ops,
-    routes: Router,
-) -> Router {
+pub fn router(state: AppState, limits: Limits, ops: ops::Ops, routes: Router) -> Router {
     Router::new()
         .route("/healthz", get(readiness::healthz))
         .route("/readyz", get(readiness::readyz).with_state(state.readiness.clone()))
@@ -341,7 +359,13 @@ pub fn router(
         .method_not_allowed_fallback(|| async {
             ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
         })
-        .layer(axum::middleware::from_fn_with_state(auth, api::auth::authenticate))
+        .layer(axum::middleware::from_fn_with_state(limits.rate, api::limits::rate_limit))
+        .layer(axum::middleware::from_fn_with_state(limits.auth, api::auth::authenticate))
+        .layer(axum::middleware::from_fn(api::limits::header_limits))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            limits.request_timeout,
+        ))
         .layer(axum::middleware::map_response(api::client_errors_in_shape))
         .layer(PropagateRequestIdLayer::new(CORRELATION_ID))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {

@@ -132,3 +132,27 @@ async fn every_response_carries_a_correlation_id_and_unknown_routes_get_the_erro
     let body: Value = undecodable.json().await.unwrap();
     assert_eq!(body["error"]["code"], "malformed_request");
 }
+
+#[tokio::test]
+async fn postgres_tls_settings_in_the_url_are_honoured() {
+    let mut common = common_args().await;
+    let url = format!("{}?sslmode=require", common.database_url);
+    common.database_url = url;
+    let state = tally::prepare(&common).await.unwrap();
+    let (ssl,): (bool,) =
+        sqlx::query_as("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(&state.pool)
+            .await
+            .unwrap();
+    assert!(ssl, "sslmode=require must give an encrypted connection");
+
+    let mut common = common_args().await;
+    common.database_url = format!("{}?sslmode=disable", common.database_url);
+    let state = tally::prepare(&common).await.unwrap();
+    let (ssl,): (bool,) =
+        sqlx::query_as("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(&state.pool)
+            .await
+            .unwrap();
+    assert!(!ssl, "sslmode=disable must not encrypt");
+}

@@ -5,6 +5,7 @@
 pub mod auth;
 mod body;
 mod error;
+pub mod limits;
 pub mod openapi;
 
 pub use body::{json_body, parse_customer_id, parse_order_id, parse_sku, MAX_BODY_BYTES};
