@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check Kafka and PostgreSQL, create topics, run migrations, and serve the HTTP API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create the topics and run the migrations, then exit (for deploy pipelines).
     Init(CommonArgs),
     /// Rebuild one read model from offset 0 into new tables and swap them in, with a
