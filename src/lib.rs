@@ -351,16 +351,29 @@ pub struct Limits {
 pub fn router(state: AppState, limits: Limits, ops: ops::Ops, routes: Router) -> Router {
     Router::new()
         .route("/healthz", get(readiness::healthz))
-        .route("/readyz", get(readiness::readyz).with_state(state.readiness.clone()))
+        .route(
+            "/readyz",
+            get(readiness::readyz).with_state(state.readiness.clone()),
+        )
         .route("/metrics", get(ops::metrics).with_state(ops))
         .route("/openapi.json", get(openapi::openapi_json))
         .merge(routes)
         .fallback(|| async { ApiError::not_found("no such route; see /openapi.json") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
         })
-        .layer(axum::middleware::from_fn_with_state(limits.rate, api::limits::rate_limit))
-        .layer(axum::middleware::from_fn_with_state(limits.auth, api::auth::authenticate))
+        .layer(axum::middleware::from_fn_with_state(
+            limits.rate,
+            api::limits::rate_limit,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            limits.auth,
+            api::auth::authenticate,
+        ))
         .layer(axum::middleware::from_fn(api::limits::header_limits))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
@@ -368,16 +381,28 @@ pub fn router(state: AppState, limits: Limits, ops: ops::Ops, routes: Router) ->
         ))
         .layer(axum::middleware::map_response(api::client_errors_in_shape))
         .layer(PropagateRequestIdLayer::new(CORRELATION_ID))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-            let correlation_id = req
-                .extensions()
-                .get::<RequestId>()
-                .and_then(|id| id.header_value().to_str().ok())
-                .unwrap_or_default();
-            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), correlation_id)
-        })
-        // A 503 from /readyz while partitions rebuild, or a command timing out, is news for
-        // an operator, not an error in Tally: real faults are logged where they happen.
-        .on_failure(DefaultOnFailure::new().level(tracing::Level::WARN)))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request<_>| {
+                    let correlation_id = req
+                        .extensions()
+                        .get::<RequestId>()
+                        .and_then(|id| id.header_value().to_str().ok())
+                        .unwrap_or_default();
+                    // A command route fills in the rest, so every line of its path carries them.
+                    tracing::info_span!(
+                        "http",
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                        correlation_id,
+                        trace_id = tracing::field::Empty,
+                        command_id = tracing::field::Empty,
+                        aggregate_id = tracing::field::Empty,
+                    )
+                })
+                // A 503 from /readyz while partitions rebuild, or a command timing out, is news for
+                // an operator, not an error in Tally: real faults are logged where they happen.
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::WARN)),
+        )
         .layer(SetRequestIdLayer::new(CORRELATION_ID, MakeRequestUuid))
 }

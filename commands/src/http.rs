@@ -524,6 +524,15 @@ impl CommandApi {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
+        // Every command gets a trace: the caller's, or a new one.
+        let traceparent = header("traceparent")
+            .filter(|tp| eventlog::trace::trace_id(tp).is_some())
+            .unwrap_or_else(eventlog::trace::new_traceparent);
+        let span = tracing::Span::current();
+        span.record("trace_id", eventlog::trace::trace_id(&traceparent));
+        span.record("command_id", tracing::field::display(command_id));
+        span.record("aggregate_id", aggregate_id.as_str());
+        tracing::debug!(stream = A::STREAM, "command dispatched");
         let envelope = CommandEnvelope {
             command_id,
             aggregate_id,
@@ -531,7 +540,7 @@ impl CommandApi {
             expected_version,
             idempotent: key.is_some(),
             correlation_id: header("x-correlation-id"),
-            traceparent: header("traceparent"),
+            traceparent: Some(traceparent),
             actor,
             reply_to: None,
             deadline: None,

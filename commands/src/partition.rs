@@ -513,6 +513,24 @@ impl<A: CommandStream> PartitionWorker<A> {
                 }
             }
         };
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let status = match &outcome {
+                Outcome::Done(result) => result.status,
+                Outcome::Accepted { created: true, .. } => 201,
+                Outcome::Accepted { .. } => 200,
+            };
+            debug!(
+                stream = A::STREAM,
+                partition = self.partition,
+                command_id = %envelope.command_id,
+                aggregate_id = %envelope.aggregate_id,
+                correlation_id = envelope.correlation_id.as_deref().unwrap_or_default(),
+                trace_id = envelope.traceparent.as_deref().and_then(eventlog::trace::trace_id).unwrap_or_default(),
+                actor = envelope.actor.as_deref().unwrap_or_default(),
+                status,
+                "command decided"
+            );
+        }
         txn.pending.push(Pending {
             command_id: envelope.command_id,
             idempotent: envelope.idempotent,

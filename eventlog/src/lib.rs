@@ -18,6 +18,7 @@ mod partitioner;
 mod reader;
 mod token;
 mod topics;
+pub mod trace;
 mod txn;
 mod wire;
 

@@ -215,6 +215,20 @@ pub async fn run(
             ctx.progress
                 .advance(&target.checkpoint, topic, *partition, *next);
         }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for r in &records {
+                let m = &r.envelope.metadata;
+                tracing::debug!(
+                    projection = kind.name(),
+                    aggregate_id = %r.envelope.aggregate_id,
+                    event_type = %r.envelope.event_type,
+                    sequence = r.envelope.sequence,
+                    correlation_id = m.correlation_id.as_deref().unwrap_or_default(),
+                    trace_id = m.traceparent.as_deref().and_then(eventlog::trace::trace_id).unwrap_or_default(),
+                    "projected"
+                );
+            }
+        }
         stats
             .applied
             .fetch_add(records.len() as u64, Ordering::Relaxed);

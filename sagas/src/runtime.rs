@@ -517,6 +517,15 @@ impl Worker {
             let events = slot
                 .state
                 .decide(w.input.clone(), now, self.shared.config.deadlines);
+            debug!(
+                saga_id = %w.saga_id,
+                partition = self.partition,
+                input = input_name(&w.input),
+                events = events.len(),
+                correlation_id = slot.correlation_id.as_deref().unwrap_or_default(),
+                trace_id = slot.traceparent.as_deref().and_then(eventlog::trace::trace_id).unwrap_or_default(),
+                "saga step"
+            );
             if events.is_empty() {
                 continue;
             }
@@ -593,6 +602,16 @@ impl Worker {
         }
         self.producer.commit(sends).await?;
         Ok(staged)
+    }
+}
+
+fn input_name(input: &Input) -> &'static str {
+    match input {
+        Input::Placed { .. } => "order_placed",
+        Input::Cancelled => "order_cancelled",
+        Input::Reply { ok: true, .. } => "reply_ok",
+        Input::Reply { .. } => "reply_refused",
+        Input::Tick => "deadline",
     }
 }
 

@@ -1,0 +1,136 @@
+//! One trace id follows an order: sent as `traceparent` with the commands, it appears in
+//! the JSON log lines of the HTTP request, the command processor, the saga's steps and
+//! the projectors, with the correlation id beside it.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{database_for, new_prefix, order_body};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_id_sent_with_a_command_reaches_the_saga_and_projector_logs() {
+    let prefix = new_prefix();
+    let database = database_for(&prefix).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(&prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("tally.jsonl");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut tally = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "serve",
+            "--topic-prefix",
+            &prefix,
+            "--partitions",
+            "2",
+            "--database-url",
+            &database,
+        ])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--log-format",
+            "json",
+        ])
+        .env(
+            "TALLY_LOG",
+            "info,commands=debug,sagas=debug,projections=debug",
+        )
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut body = order_body("tracer", &[("T1", 1, 100)]);
+    body["order_id"] = json!(id);
+    let send = |path: String, body: Value| {
+        http.post(format!("{base}{path}"))
+            .header("traceparent", &traceparent)
+            .header("x-correlation-id", "corr-trace-test")
+            .json(&body)
+            .send()
+    };
+    assert!(send("/v1/orders".into(), body)
+        .await
+        .unwrap()
+        .status()
+        .is_success());
+    assert!(send(format!("/v1/orders/{id}/place"), json!({}))
+        .await
+        .unwrap()
+        .status()
+        .is_success());
+
+    // The saga runs (and rejects: no stock), the projectors apply its events.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let lines = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .filter(|l| l.contains(&trace))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let from = |target: &str| {
+            lines
+                .iter()
+                .any(|l| l["target"].as_str().is_some_and(|t| t.starts_with(target)))
+        };
+        if from("sagas") && from("projections") && from("commands") {
+            break lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the trace id did not reach every component's logs: {lines:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let saga_step = lines
+        .iter()
+        .find(|l| l["target"] == "sagas::runtime")
+        .unwrap();
+    assert_eq!(saga_step["message"], "saga step", "{saga_step}");
+    assert_eq!(saga_step["correlation_id"], "corr-trace-test");
+    let projected = lines.iter().find(|l| l["message"] == "projected").unwrap();
+    assert_eq!(projected["correlation_id"], "corr-trace-test");
+    let decided = lines
+        .iter()
+        .find(|l| l["message"] == "command decided")
+        .unwrap();
+    assert_eq!(decided["aggregate_id"], id.as_str());
+    assert!(decided["command_id"].is_string());
+    // The saga's own commands (reserve, reject) carry the trace too.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "command decided" && l["actor"] == "saga:order-fulfilment"),
+        "the saga's commands carry the trace id"
+    );
+    Command::new("kill")
+        .args(["-TERM", &tally.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(tally.wait().unwrap().success());
+}
