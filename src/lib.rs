@@ -134,6 +134,9 @@ pub async fn run(
     // Workers stop only after the HTTP server has drained, so that in-flight requests
     // still get their commands processed; they finish their current transaction.
     let workers = CancellationToken::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = commands::Metrics::default();
+    metrics.register(&mut registry);
     let mut statuses = Vec::new();
     if settings.roles.contains(&Role::Commands) {
         let config = ProcessorConfig {
@@ -143,22 +146,22 @@ pub async fn run(
         let wanted = |stream: &str| settings.command_streams.iter().any(|s| s == stream);
         if wanted(Order::STREAM) {
             statuses.push(spawn_processor::<Order>(
-                &mut tasks, &config, &local, &workers,
+                &mut tasks, &config, &local, &workers, &metrics,
             ));
         }
         if wanted(Inventory::STREAM) {
             statuses.push(spawn_processor::<Inventory>(
-                &mut tasks, &config, &local, &workers,
+                &mut tasks, &config, &local, &workers, &metrics,
             ));
         }
         if wanted(PaymentAccount::STREAM) {
             statuses.push(spawn_processor::<PaymentAccount>(
-                &mut tasks, &config, &local, &workers,
+                &mut tasks, &config, &local, &workers, &metrics,
             ));
         }
     }
     state.readiness.processors = statuses.clone();
-    let sagas = if settings.roles.contains(&Role::Sagas) {
+    if settings.roles.contains(&Role::Sagas) {
         let config = SagaConfig {
             kafka: state.kafka.clone(),
             deadlines: Deadlines {
@@ -173,10 +176,8 @@ pub async fn run(
                 ..Default::default()
             },
         ));
-        Some(status.metrics)
-    } else {
-        None
-    };
+        status.metrics.register(&mut registry);
+    }
 
     let progress = projections::Progress::default();
     let admin = if settings.roles.contains(&Role::Projections) {
@@ -185,6 +186,7 @@ pub async fn run(
             state.pool.clone(),
             progress.clone(),
         )?;
+        projectors.metrics.register(&mut registry);
         Some(projections::admin::Admin::start(
             projectors,
             workers.clone(),
@@ -209,6 +211,7 @@ pub async fn run(
         let commands = commands::http::CommandApi {
             bus,
             pool: state.pool.clone(),
+            metrics: metrics.clone(),
         };
         tokio::spawn(progress.clone().listen(state.pool.clone(), workers.clone()));
         let queries = projections::http::QueryApi {
@@ -235,8 +238,7 @@ pub async fn run(
             state,
             limits,
             ops::Ops {
-                processors: statuses,
-                sagas,
+                registry: Arc::new(registry),
             },
             routes,
         );
@@ -310,8 +312,12 @@ fn spawn_processor<A: CommandStream>(
     config: &ProcessorConfig,
     local: &Local,
     shutdown: &CancellationToken,
+    metrics: &commands::Metrics,
 ) -> (&'static str, ProcessorStatus) {
-    let status = ProcessorStatus::default();
+    let status = ProcessorStatus {
+        metrics: metrics.clone(),
+        ..Default::default()
+    };
     let (config, local, shutdown, handle) = (
         config.clone(),
         local.clone(),

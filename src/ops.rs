@@ -1,69 +1,34 @@
-//! `/metrics` in the Prometheus text format.
+//! `/metrics` in the Prometheus (OpenMetrics) text format: every metric family the
+//! process's roles registered at start.
 
-use std::fmt::Write;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use commands::ProcessorStatus;
-use sagas::SagaMetrics;
+use prometheus_client::registry::Registry;
 
-/// What `/metrics` reads: the command processors and the saga orchestrator of this process.
-#[derive(Clone, Default)]
+/// What `/metrics` reads.
+#[derive(Clone)]
 pub struct Ops {
-    pub processors: Vec<(&'static str, ProcessorStatus)>,
-    pub sagas: Option<SagaMetrics>,
+    pub registry: Arc<Registry>,
 }
-
-/// A metric family: name, type, help, and how to read it from a processor's status.
-type Family = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&ProcessorStatus) -> u64,
-);
 
 /// `GET /metrics`.
 #[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "ops",
-    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+    responses((status = 200, description = "Prometheus / OpenMetrics text format", body = String, content_type = "application/openmetrics-text")))]
 pub async fn metrics(State(ops): State<Ops>) -> impl IntoResponse {
-    let processors = &ops.processors;
     let mut out = String::new();
-    let families: [Family; 4] = [
-        (
-            "tally_command_transactions_total",
-            "counter",
-            "Kafka transactions committed by the command processors.",
-            |s| s.metrics.transactions(),
-        ),
-        (
-            "tally_commands_total",
-            "counter",
-            "Commands handled in committed transactions.",
-            |s| s.metrics.commands(),
-        ),
-        (
-            "tally_command_batch_max",
-            "gauge",
-            "Most commands one transaction carried.",
-            |s| s.metrics.largest_batch(),
-        ),
-        (
-            "tally_partitions_rebuilding",
-            "gauge",
-            "Owned partitions still being rebuilt from the log.",
-            |s| s.rebuilding.load(Ordering::Relaxed) as u64,
-        ),
-    ];
-    for (name, kind, help, read) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (stream, status) in processors {
-            let _ = writeln!(out, "{name}{{stream=\"{stream}\"}} {}", read(status));
-        }
+    match prometheus_client::encoding::text::encode(&mut out, &ops.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response(),
+        Err(e) => api::ApiError::internal(e).into_response(),
     }
-    if let Some(sagas) = &ops.sagas {
-        sagas.render(&mut out);
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

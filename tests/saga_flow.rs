@@ -207,25 +207,45 @@ async fn fulfilment_confirms_rejects_and_compensates() {
     let (status, _, body) = app.get("/v1/orders/not-a-uuid/saga", &[]).await;
     assert_eq!(status, 400, "{body}");
 
-    // The orchestrator's figures are on /metrics.
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("tally_sagas_ended_total{status=\"completed\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics
-            .contains("tally_saga_step_seconds_count{step=\"reserve_stock\",status=\"completed\"}"),
-        "{metrics}"
-    );
+    // Every role's figures are on /metrics (consumer lag once librdkafka reported it).
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = app
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains("tally_consumer_lag{")
+            && metrics.contains("tally_saga_consumer_lag{")
+            && metrics.contains("tally_projection_lag{")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for family in [
+        "tally_sagas_ended_total{status=\"completed\"} 1",
+        "tally_sagas_ended_total{status=\"compensated\"} 3",
+        "tally_saga_step_seconds_count{step=\"reserve_stock\",status=\"completed\"}",
+        "tally_commands_total{stream=\"order\",command=\"CreateOrder\",outcome=\"accepted\"} 3",
+        "tally_commands_total{stream=\"inventory\",command=\"ReserveStock\",outcome=\"rejected\"} 1",
+        "tally_commands_total{stream=\"payment\",command=\"ChargePayment\",outcome=\"rejected\"} 1",
+        "tally_command_request_seconds_count{stream=\"order\",command=\"PlaceOrder\",outcome=\"accepted\"} 3",
+        "tally_events_appended_total{stream=\"payment\"}",
+        "tally_command_transaction_commands_count{stream=\"order\"}",
+        "tally_saga_transactions_total",
+        "tally_projection_lag{projection=\"orders\"}",
+        "tally_projection_applied_total{projection=\"sagas\"}",
+        "tally_dead_letters_total{projection=\"journal\"} 0",
+        "tally_consumer_lag{group=",
+        "tally_saga_consumer_lag{group=",
+    ] {
+        assert!(metrics.contains(family), "{family} missing from /metrics:\n{metrics}");
+    }
     app.stop().await;
 }
 

@@ -47,6 +47,7 @@ pub struct CommandRoutesDoc;
 pub struct CommandApi {
     pub bus: CommandBus,
     pub pool: PgPool,
+    pub metrics: crate::Metrics,
 }
 
 /// The command routes, ready to merge into the app's router.
@@ -455,13 +456,24 @@ impl CommandApi {
         raw_body: &Value,
         command_id: Option<Uuid>,
     ) -> Response {
-        match self
+        let started = std::time::Instant::now();
+        let response = match self
             .try_submit::<A>(parts, aggregate_id, command, raw_body, command_id)
             .await
         {
             Ok(result) => answer(&result),
             Err(e) => e.into_response(),
-        }
+        };
+        let name = serde_json::to_value(command)
+            .map(|c| crate::metrics::command_name(&c))
+            .unwrap_or_default();
+        self.metrics.record_request(
+            A::STREAM,
+            &name,
+            response.status().as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
+        response
     }
 
     async fn try_submit<A: CommandStream>(

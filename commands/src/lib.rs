@@ -15,7 +15,7 @@ mod bus;
 pub mod http;
 pub mod idempotency;
 mod local;
-mod metrics;
+pub mod metrics;
 mod partition;
 pub mod processor;
 mod stream;

@@ -115,6 +115,8 @@ struct Pending {
     remote: bool,
     /// Also write the outcome here (the saga's inbox).
     reply_to: Option<ReplyTo>,
+    /// The command's type, for the metrics.
+    command: String,
     outcome: Outcome,
 }
 
@@ -170,10 +172,12 @@ impl<A: CommandStream> PartitionWorker<A> {
             // Revoked while rebuilding: the closed channel below ends this worker.
             warn!(stream = A::STREAM, partition, error = %e, "could not resume the partition");
         }
-        worker
+        let left = worker
             .shared
             .rebuilding
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            - 1;
+        worker.shared.metrics.set_rebuilding(A::STREAM, left);
         // From now on the API of this process hands commands for this partition straight
         // here; the guard withdraws that when the worker ends, however it ends.
         worker.shared.local.set_owner(A::STREAM, partition, me);
@@ -235,7 +239,7 @@ impl<A: CommandStream> PartitionWorker<A> {
         loop {
             attempt += 1;
             match self.transact(batch).await {
-                Ok((staged, results)) => {
+                Ok((staged, results, decided, events)) => {
                     self.aggregates.extend(staged);
                     for (result, idempotent) in results {
                         self.shared.local.complete(&result);
@@ -243,7 +247,9 @@ impl<A: CommandStream> PartitionWorker<A> {
                             self.seen.insert(result, self.shared.dedup_window);
                         }
                     }
-                    self.shared.metrics.record_batch(batch.len());
+                    self.shared
+                        .metrics
+                        .record_batch(A::STREAM, &decided, events);
                     debug!(
                         stream = A::STREAM,
                         partition = self.partition,
@@ -285,7 +291,12 @@ impl<A: CommandStream> PartitionWorker<A> {
     async fn transact(
         &self,
         batch: &[Work],
-    ) -> anyhow::Result<(HashMap<String, Slot<A>>, Vec<(CommandResult, bool)>)> {
+    ) -> anyhow::Result<(
+        HashMap<String, Slot<A>>,
+        Vec<(CommandResult, bool)>,
+        Vec<(String, u16)>,
+        usize,
+    )> {
         let topics = &self.shared.topics;
         self.producer.begin().await?;
         let mut txn = Txn::default();
@@ -325,6 +336,7 @@ impl<A: CommandStream> PartitionWorker<A> {
             event_sends,
             ..
         } = txn;
+        let events = event_sends.len();
         let offsets: Vec<i64> = self
             .producer
             .flush(event_sends)
@@ -333,6 +345,7 @@ impl<A: CommandStream> PartitionWorker<A> {
             .map(|(_, offset)| offset)
             .collect();
         let mut results = Vec::with_capacity(pending.len());
+        let mut decided = Vec::with_capacity(pending.len());
         for p in pending {
             let result = match p.outcome {
                 Outcome::Done(result) => result,
@@ -379,6 +392,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                     OwnedHeaders::new(),
                 )?);
             }
+            decided.push((p.command, result.status));
             results.push((result, p.idempotent));
         }
 
@@ -400,7 +414,7 @@ impl<A: CommandStream> PartitionWorker<A> {
             .commit(other_sends)
             .await
             .context(CommitUncertain)?;
-        Ok((staged, results))
+        Ok((staged, results, decided, events))
     }
 
     /// Decides one command inside the open transaction: its events are sent, its
@@ -423,6 +437,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                 idempotent: false,
                 remote,
                 reply_to: envelope.reply_to.clone(),
+                command: crate::metrics::command_name(&envelope.command),
                 outcome: Outcome::Done(previous.clone()),
             });
             return Ok(());
@@ -536,6 +551,7 @@ impl<A: CommandStream> PartitionWorker<A> {
             idempotent: envelope.idempotent,
             remote,
             reply_to: envelope.reply_to.clone(),
+            command: crate::metrics::command_name(&envelope.command),
             outcome,
         });
         Ok(())

@@ -69,9 +69,15 @@ enum Change {
 /// rebuilt them) and reports every change to the processor loop.
 pub(crate) struct Rebalances {
     changes: mpsc::UnboundedSender<Change>,
+    metrics: Metrics,
+    group: String,
 }
 
-impl ClientContext for Rebalances {}
+impl ClientContext for Rebalances {
+    fn stats(&self, statistics: eventlog::rdkafka::Statistics) {
+        self.metrics.record_lag(&self.group, &statistics);
+    }
+}
 
 impl ConsumerContext for Rebalances {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -114,13 +120,12 @@ pub async fn run<A: CommandStream>(
 ) -> anyhow::Result<()> {
     let topics = Topics::new(&config.kafka.topic_prefix);
     let (changes_tx, mut changes) = mpsc::unbounded_channel();
+    let group = format!("{}.{}.processor", config.kafka.topic_prefix, A::STREAM);
     let consumer: StreamConsumer<Rebalances> = config
         .kafka
         .client()
-        .set(
-            "group.id",
-            format!("{}.{}.processor", config.kafka.topic_prefix, A::STREAM),
-        )
+        .set("group.id", &group)
+        .set("statistics.interval.ms", "5000")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -130,6 +135,8 @@ pub async fn run<A: CommandStream>(
         .set("heartbeat.interval.ms", "1000")
         .create_with_context(Rebalances {
             changes: changes_tx,
+            metrics: status.metrics.clone(),
+            group: group.clone(),
         })
         .context("creating the command consumer")?;
     consumer
@@ -219,7 +226,8 @@ fn apply<A: CommandStream>(
                 let (tx, rx) = mpsc::channel(PARTITION_BUFFER);
                 let revoked = CancellationToken::new();
                 workers.insert(p, (tx.clone(), revoked.clone()));
-                shared.rebuilding.fetch_add(1, Ordering::SeqCst);
+                let now = shared.rebuilding.fetch_add(1, Ordering::SeqCst) + 1;
+                shared.metrics.set_rebuilding(A::STREAM, now);
                 let shared = shared.clone();
                 let me = tx.clone();
                 tasks.spawn(async move {

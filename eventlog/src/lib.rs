@@ -25,7 +25,7 @@ mod wire;
 pub use config::KafkaConfig;
 pub use envelope::{dead_letter_headers, headers, EventEnvelope, EventMetadata};
 pub use partitioner::{murmur2, partition_for};
-pub use reader::{offset_for_time, read_partition, watermarks};
+pub use reader::{consumer_lags, offset_for_time, read_partition, watermarks};
 pub use token::{ConsistencyToken, Position};
 pub use topics::{check_connection, ensure_topics, TopicSpec, Topics};
 pub use txn::{classify, Delivery, Landed, TxnErrorKind, TxnProducer};

@@ -152,3 +152,21 @@ pub async fn offset_for_time(
     })
     .await?
 }
+
+/// Records behind the last stable offset per assigned partition, from a librdkafka
+/// statistics report: `(topic, partition, lag)`. Offsets are committed by Tally's
+/// transactions, which librdkafka's own `consumer_lag` does not see, so the lag is
+/// measured from what was handed to the application.
+pub fn consumer_lags(statistics: &rdkafka::Statistics) -> Vec<(String, i32, i64)> {
+    let mut lags = Vec::new();
+    for (topic, t) in &statistics.topics {
+        for (partition, p) in &t.partitions {
+            let at = p.app_offset.max(p.committed_offset);
+            if *partition < 0 || !p.desired || p.ls_offset < 0 || at < 0 {
+                continue;
+            }
+            lags.push((topic.clone(), *partition, (p.ls_offset - at).max(0)));
+        }
+    }
+    lags
+}

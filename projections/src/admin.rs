@@ -63,6 +63,7 @@ impl Admin {
         for kind in Kind::ALL {
             admin.start_live(kind);
         }
+        admin.watch_lag();
         admin
     }
 
@@ -86,6 +87,29 @@ impl Admin {
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
                     }
+                }
+            }
+        });
+    }
+
+    /// Refreshes the lag gauges every 5 s until shutdown.
+    fn watch_lag(&self) {
+        let admin = self.clone();
+        self.tasks.spawn(async move {
+            loop {
+                for kind in Kind::ALL {
+                    if let Ok(lag) = admin.lag(kind, kind.name()).await {
+                        admin
+                            .projectors
+                            .metrics
+                            .lag
+                            .get_or_create(&crate::runner::ProjectionMetrics::label(kind))
+                            .set(lag);
+                    }
+                }
+                tokio::select! {
+                    _ = admin.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                 }
             }
         });
@@ -126,8 +150,8 @@ impl Admin {
                 "total": r.total,
                 "started_at": crate::rfc3339(r.started_at),
             })),
-            "applied": stats.applied.load(Ordering::Relaxed),
-            "dead_letters": stats.dead_lettered.load(Ordering::Relaxed),
+            "applied": stats.applied.get(),
+            "dead_letters": stats.dead_lettered.get(),
             "error": failed,
         }))
     }

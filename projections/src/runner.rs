@@ -5,6 +5,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,16 +41,58 @@ pub struct Projectors {
     pub pool: PgPool,
     pub progress: Progress,
     pub stats: Arc<HashMap<Kind, Arc<Stats>>>,
+    pub metrics: ProjectionMetrics,
     dead_letters: FutureProducer,
 }
 
-/// Counters of one projection, for the admin API and metrics.
-#[derive(Default)]
+/// Counters of one projection, for the admin API and metrics (they are the metric
+/// families' own counters).
 pub struct Stats {
     /// Records applied (or found applied already).
-    pub applied: AtomicU64,
+    pub applied: Counter,
     /// Records sent to the dead-letter topic.
-    pub dead_lettered: AtomicU64,
+    pub dead_lettered: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProjectionLabels {
+    pub projection: String,
+}
+
+/// The read side's Prometheus metrics, by projection.
+#[derive(Clone, Default)]
+pub struct ProjectionMetrics {
+    pub applied: Family<ProjectionLabels, Counter>,
+    pub dead_letters: Family<ProjectionLabels, Counter>,
+    /// Records behind the log, refreshed every few seconds by the admin.
+    pub lag: Family<ProjectionLabels, Gauge>,
+}
+
+impl ProjectionMetrics {
+    /// Registers every family in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "tally_projection_applied",
+            "Records applied by each projection",
+            self.applied.clone(),
+        );
+        registry.register(
+            "tally_dead_letters",
+            "Records each projection sent to the dead-letter topic",
+            self.dead_letters.clone(),
+        );
+        registry.register(
+            "tally_projection_lag",
+            "Records each projection is behind the log",
+            self.lag.clone(),
+        );
+    }
+
+    pub fn label(kind: Kind) -> ProjectionLabels {
+        ProjectionLabels {
+            projection: kind.name().to_string(),
+        }
+    }
 }
 
 impl Projectors {
@@ -55,15 +103,24 @@ impl Projectors {
             .set("enable.idempotence", "true")
             .create()
             .context("creating the dead-letter producer")?;
+        let metrics = ProjectionMetrics::default();
         let stats = Kind::ALL
             .into_iter()
-            .map(|k| (k, Arc::new(Stats::default())))
+            .map(|k| {
+                let label = ProjectionMetrics::label(k);
+                let stats = Stats {
+                    applied: metrics.applied.get_or_create(&label).clone(),
+                    dead_lettered: metrics.dead_letters.get_or_create(&label).clone(),
+                };
+                (k, Arc::new(stats))
+            })
             .collect();
         Ok(Self {
             kafka,
             pool,
             progress,
             stats: Arc::new(stats),
+            metrics,
             dead_letters,
         })
     }
@@ -229,9 +286,7 @@ pub async fn run(
                 );
             }
         }
-        stats
-            .applied
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        stats.applied.inc_by(records.len() as u64);
         if let Some(processed) = &target.processed {
             processed.fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
@@ -444,8 +499,6 @@ async fn send_dead_letter(
         .send(record, Duration::from_secs(30))
         .await
         .map_err(|(e, _)| anyhow::anyhow!("writing to the dead-letter topic: {e}"))?;
-    ctx.stats[&kind]
-        .dead_lettered
-        .fetch_add(1, Ordering::Relaxed);
+    ctx.stats[&kind].dead_lettered.inc();
     Ok(())
 }

@@ -74,9 +74,15 @@ enum Change {
 
 struct Rebalances {
     changes: mpsc::UnboundedSender<Change>,
+    metrics: SagaMetrics,
+    group: String,
 }
 
-impl ClientContext for Rebalances {}
+impl ClientContext for Rebalances {
+    fn stats(&self, statistics: eventlog::rdkafka::Statistics) {
+        self.metrics.record_lag(&self.group, &statistics);
+    }
+}
 
 impl ConsumerContext for Rebalances {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -113,13 +119,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let topics = Topics::new(&config.kafka.topic_prefix);
     let (changes_tx, mut changes) = mpsc::unbounded_channel();
+    let group = format!("{}.{STREAM}", config.kafka.topic_prefix);
     let consumer: StreamConsumer<Rebalances> = config
         .kafka
         .client()
-        .set(
-            "group.id",
-            format!("{}.{STREAM}", config.kafka.topic_prefix),
-        )
+        .set("group.id", &group)
+        .set("statistics.interval.ms", "5000")
         // Partition n of both topics to the same member: the order's events and the
         // replies to its saga's commands meet in one worker.
         .set("partition.assignment.strategy", "range")
@@ -131,6 +136,8 @@ pub async fn run(
         .set("heartbeat.interval.ms", "1000")
         .create_with_context(Rebalances {
             changes: changes_tx,
+            metrics: status.metrics.clone(),
+            group: group.clone(),
         })
         .context("creating the saga consumer")?;
     consumer
@@ -601,6 +608,7 @@ impl Worker {
             return Ok(staged);
         }
         self.producer.commit(sends).await?;
+        self.shared.status.metrics.transaction();
         Ok(staged)
     }
 }
