@@ -62,6 +62,13 @@ pub struct CommonArgs {
     /// Log format: human `text` or one `json` object per line.
     #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Export traces over OTLP/HTTP to this collector (e.g. `http://localhost:4318`);
+    /// off when unset.
+    #[arg(long, env = "TALLY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of exported traces.
+    #[arg(long, env = "TALLY_OTLP_SERVICE_NAME", default_value = "tally")]
+    pub otlp_service_name: String,
 }
 
 /// `tally serve` settings.

@@ -10,6 +10,7 @@ pub mod openapi;
 pub mod ops;
 pub mod readiness;
 pub mod replay;
+pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -396,7 +397,7 @@ pub fn router(state: AppState, limits: Limits, ops: ops::Ops, routes: Router) ->
                         .and_then(|id| id.header_value().to_str().ok())
                         .unwrap_or_default();
                     // A command route fills in the rest, so every line of its path carries them.
-                    tracing::info_span!(
+                    let span = tracing::info_span!(
                         "http",
                         method = %req.method(),
                         path = %req.uri().path(),
@@ -404,7 +405,13 @@ pub fn router(state: AppState, limits: Limits, ops: ops::Ops, routes: Router) ->
                         trace_id = tracing::field::Empty,
                         command_id = tracing::field::Empty,
                         aggregate_id = tracing::field::Empty,
-                    )
+                    );
+                    // Exported spans continue the caller's trace.
+                    let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(
+                        &span,
+                        telemetry::parent_context(req.headers()),
+                    );
+                    span
                 })
                 // A 503 from /readyz while partitions rebuild, or a command timing out, is news for
                 // an operator, not an error in Tally: real faults are logged where they happen.

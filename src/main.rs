@@ -2,15 +2,14 @@
 
 use anyhow::Context;
 use clap::Parser;
-use tally::config::{Cli, Command, LogFormat, Role};
-use tracing_subscriber::EnvFilter;
+use tally::config::{Cli, Command, Role};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            init_logging(args.common.log_format);
+            let telemetry = tally::telemetry::init(&args.common)?;
             let state = tally::prepare(&args.common).await?;
             let listener = match args.run.roles.contains(&Role::Api) {
                 true => Some(
@@ -39,29 +38,18 @@ async fn main() -> anyhow::Result<()> {
                 tracing::error!(bound_ms = bound.as_millis() as u64, "shutdown did not finish within the bound (--shutdown-timeout-secs); exiting anyway");
                 std::process::exit(1);
             });
-            tally::run(listener, state, args.run, shutdown).await
+            let result = tally::run(listener, state, args.run, shutdown).await;
+            telemetry.shutdown().await;
+            result
         }
         Command::Init(common) => {
-            init_logging(common.log_format);
+            let _telemetry = tally::telemetry::init(&common)?;
             tally::prepare(&common).await.map(|_| ())
         }
         Command::Replay(args) => {
-            init_logging(args.common.log_format);
+            let _telemetry = tally::telemetry::init(&args.common)?;
             tally::replay::run(&args).await
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only on a terminal: a log file or a collector gets plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
 

@@ -521,6 +521,16 @@ impl Worker {
                     slot.traceparent = m.traceparent.clone();
                 }
             }
+            // One span per step, in the trace of the request that placed the order (exported
+            // when OTLP is on); the step's log lines carry its fields.
+            let span = tracing::info_span!("saga_step", saga_id = %w.saga_id, input = input_name(&w.input));
+            if let Some(traceparent) = &slot.traceparent {
+                let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(
+                    &span,
+                    parent_context(traceparent),
+                );
+            }
+            let _step = span.enter();
             let events = slot
                 .state
                 .decide(w.input.clone(), now, self.shared.config.deadlines);
@@ -611,6 +621,13 @@ impl Worker {
         self.shared.status.metrics.transaction();
         Ok(staged)
     }
+}
+
+/// The OpenTelemetry context a W3C `traceparent` names.
+fn parent_context(traceparent: &str) -> opentelemetry::Context {
+    use opentelemetry::propagation::TextMapPropagator;
+    let carrier = HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+    opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier)
 }
 
 fn input_name(input: &Input) -> &'static str {
