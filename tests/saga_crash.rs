@@ -261,3 +261,116 @@ async fn a_saga_orchestrator_killed_between_any_two_steps_resumes_without_loss_o
     }
     front.stop().await;
 }
+
+/// An orchestrator started with a short deadline, for the restart test.
+fn orchestrator_with_deadline(prefix: &str, log: &std::path::Path, deadline_ms: &str) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--roles", "sagas", "--topic-prefix", prefix])
+        .args([
+            "--partitions",
+            &PARTITIONS.to_string(),
+            "--saga-step-timeout-ms",
+            deadline_ms,
+        ])
+        .env("TALLY_LOG", "info")
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .expect("starting a tally saga orchestrator")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deadline_that_passes_while_the_orchestrator_is_down_fires_after_its_restart() {
+    let prefix = new_prefix();
+    let front = TestApp::start_with(&prefix, PARTITIONS, "api,projections").await;
+    let mut processors = Processors {
+        prefix: prefix.clone(),
+        running: HashMap::new(),
+    };
+    for stream in ["order", "inventory", "payment"] {
+        processors.start(stream).await;
+    }
+    let (status, _) = front
+        .post("/v1/inventory/S1/restock", json!({ "quantity": 10 }), &[])
+        .await;
+    assert!(status.is_success());
+    let (status, _) = front
+        .post(
+            "/v1/accounts/crash/deposits",
+            json!({ "amount_cents": 10_000 }),
+            &[],
+        )
+        .await;
+    assert!(status.is_success());
+    processors.stop("payment").await;
+
+    let log = std::env::temp_dir().join(format!("{prefix}-deadline.log"));
+    let mut saga_process = orchestrator_with_deadline(&prefix, &log, "3000");
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut body = order_body("crash", &[("S1", 2, 100)]);
+    body["order_id"] = json!(id);
+    assert_eq!(front.post("/v1/orders", body, &[]).await.0, 201);
+    assert_eq!(
+        front
+            .post(&format!("/v1/orders/{id}/place"), json!({}), &[])
+            .await
+            .0,
+        200
+    );
+    all_waiting_on(&front, std::slice::from_ref(&id), "charge_payment").await;
+
+    // The orchestrator dies while the saga waits for the charge; the deadline passes.
+    kill(&mut saga_process);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let waiting = saga(&front, &id).await;
+    assert_eq!(
+        waiting["status"], "running",
+        "nobody was there to fire the deadline: {waiting}"
+    );
+
+    // A new orchestrator finds the deadline in the saga's state and compensates at once.
+    let restarted = std::time::Instant::now();
+    let mut saga_process = orchestrator_with_deadline(&prefix, &log, "3000");
+    let order = front
+        .eventually(&format!("/v1/orders/{id}"), Duration::from_secs(60), |o| {
+            o["status"] == "rejected"
+        })
+        .await;
+    assert_eq!(order["rejection_reason"], "timeout");
+    let settled = saga(&front, &id).await;
+    let steps: Vec<(String, String)> = settled["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps[1],
+        ("charge_payment".to_string(), "timed_out".to_string()),
+        "{settled}"
+    );
+    assert!(
+        restarted.elapsed() < Duration::from_secs(40),
+        "fired soon after the restart"
+    );
+    front
+        .eventually("/v1/inventory/S1", Duration::from_secs(30), |v| {
+            v["reserved"] == 0 && v["on_hand"] == 10
+        })
+        .await;
+    kill(&mut saga_process);
+    for (_, app) in processors.running.drain() {
+        app.stop().await;
+    }
+    front.stop().await;
+}

@@ -28,16 +28,33 @@ impl EventSchema {
     }
 }
 
-fn entry<T: JsonSchema>(aggregate_type: &'static str, event_type: &'static str) -> EventSchema {
-    // Every event type is at version 1 so far. A new version adds an entry here (and
-    // keeps the old one: old samples must still load).
-    let schema = serde_json::to_value(schema_for!(T)).unwrap_or(Value::Null);
-    EventSchema {
-        aggregate_type,
-        event_type,
-        event_version: "1",
-        schema,
+impl EventSchema {
+    /// The entry of payload type `T` at version 1. Every event type is at version 1 so
+    /// far; a new version adds an entry (and keeps the old one: old samples must still load).
+    pub fn v1<T: JsonSchema>(aggregate_type: &'static str, event_type: &'static str) -> Self {
+        let schema = serde_json::to_value(schema_for!(T)).unwrap_or(Value::Null);
+        EventSchema {
+            aggregate_type,
+            event_type,
+            event_version: "1",
+            schema,
+        }
     }
+}
+
+/// The variant names of an event enum, read from its schema.
+pub fn variants<T: JsonSchema>() -> Vec<String> {
+    let schema = serde_json::to_value(schema_for!(T)).unwrap_or(Value::Null);
+    schema["oneOf"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["required"][0].as_str().map(str::to_string))
+        .collect()
+}
+
+fn entry<T: JsonSchema>(aggregate_type: &'static str, event_type: &'static str) -> EventSchema {
+    EventSchema::v1::<T>(aggregate_type, event_type)
 }
 
 /// Every event type of every aggregate, at every version ever written.
@@ -67,15 +84,6 @@ pub fn catalogue() -> Vec<EventSchema> {
 /// check that the catalogue misses none.
 pub fn event_enum_variants() -> Vec<(&'static str, Vec<String>)> {
     use cqrs_es::Aggregate;
-    fn variants<T: JsonSchema>() -> Vec<String> {
-        let schema = serde_json::to_value(schema_for!(T)).unwrap_or(Value::Null);
-        schema["oneOf"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v["required"][0].as_str().map(str::to_string))
-            .collect()
-    }
     vec![
         (Order::TYPE, variants::<OrderEvent>()),
         (Inventory::TYPE, variants::<InventoryEvent>()),

@@ -218,3 +218,19 @@ impl FailureReason {
         }
     }
 }
+
+/// The saga's event types for the event contract (`schemas/json`, `schemas/samples`).
+pub fn schema_catalogue() -> Vec<aggregates::schema::EventSchema> {
+    use aggregates::schema::EventSchema;
+    use cqrs_es::Aggregate;
+    let t = super::Fulfilment::TYPE;
+    vec![
+        EventSchema::v1::<SagaStarted>(t, "SagaStarted"),
+        EventSchema::v1::<StepStarted>(t, "StepStarted"),
+        EventSchema::v1::<ReplyReceived>(t, "ReplyReceived"),
+        EventSchema::v1::<StepEnded>(t, "StepEnded"),
+        EventSchema::v1::<CancelRequested>(t, "CancelRequested"),
+        EventSchema::v1::<CompensationStarted>(t, "CompensationStarted"),
+        EventSchema::v1::<SagaEnded>(t, "SagaEnded"),
+    ]
+}

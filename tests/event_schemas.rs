@@ -1,17 +1,26 @@
 //! The event contract on disk: `schemas/json/` (generated JSON Schemas, must not drift)
-//! and `schemas/samples/` (hand-written golden payloads, must always load).
+//! and `schemas/samples/` (hand-written golden payloads, must always load) — for the
+//! aggregates' events and the fulfilment saga's.
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use aggregates::schema::{catalogue, event_enum_variants, EventSchema};
+use aggregates::schema::{event_enum_variants, variants, EventSchema};
 use aggregates::{Inventory, Order, PaymentAccount};
 use cqrs_es::{Aggregate, DomainEvent};
+use sagas::Fulfilment;
 use serde_json::{json, Value};
 
 fn schemas_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas")
+}
+
+/// Every event type ever written: the aggregates' and the saga's.
+fn catalogue() -> Vec<EventSchema> {
+    let mut all = aggregates::schema::catalogue();
+    all.extend(sagas::fulfilment::schema_catalogue());
+    all
 }
 
 fn files_under(dir: &Path) -> BTreeSet<String> {
@@ -51,7 +60,7 @@ fn checked_in_schemas_match_the_code() {
         drifted.is_empty(),
         "schemas/json differs from the Rust types for {drifted:?}. A written event's shape \
          must never change: add a new event_version instead. When the change is intended, \
-         run `TALLY_BLESS=1 cargo test -p aggregates --test schemas` and commit schemas/json."
+         run `TALLY_BLESS=1 cargo test --test event_schemas` and commit schemas/json."
     );
     let expected: BTreeSet<String> = catalogue().iter().map(EventSchema::file_name).collect();
     assert_eq!(
@@ -63,7 +72,9 @@ fn checked_in_schemas_match_the_code() {
 
 #[test]
 fn the_catalogue_names_every_event_variant() {
-    for (aggregate_type, variants) in event_enum_variants() {
+    let mut enums = event_enum_variants();
+    enums.push((Fulfilment::TYPE, variants::<sagas::FulfilmentEvent>()));
+    for (aggregate_type, variants) in enums {
         assert!(
             !variants.is_empty(),
             "no variants read for {aggregate_type}"
@@ -93,6 +104,7 @@ fn every_event_version_has_a_golden_sample_that_still_loads_and_applies() {
             "order" => loads::<Order>(&event, payload),
             "inventory" => loads::<Inventory>(&event, payload),
             "payment_account" => loads::<PaymentAccount>(&event, payload),
+            "saga.order_fulfilment" => loads::<Fulfilment>(&event, payload),
             other => panic!("unknown aggregate type {other}"),
         }
     }
