@@ -9,10 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use eventlog::rdkafka::consumer::{
-    BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use eventlog::rdkafka::{ClientContext, Message, TopicPartitionList};
+use eventlog::group::{self, Change, Rebalances};
+use eventlog::rdkafka::consumer::{Consumer, StreamConsumer};
+use eventlog::rdkafka::{Message, TopicPartitionList};
 use eventlog::{KafkaConfig, Topics};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -60,48 +59,6 @@ impl Shared {
     }
 }
 
-enum Change {
-    Assigned(Vec<i32>),
-    Revoked(Vec<i32>),
-}
-
-/// Consumer context that pauses newly assigned partitions (until their worker has
-/// rebuilt them) and reports every change to the processor loop.
-pub(crate) struct Rebalances {
-    changes: mpsc::UnboundedSender<Change>,
-    metrics: Metrics,
-    group: String,
-}
-
-impl ClientContext for Rebalances {
-    fn stats(&self, statistics: eventlog::rdkafka::Statistics) {
-        self.metrics.record_lag(&self.group, &statistics);
-    }
-}
-
-impl ConsumerContext for Rebalances {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            let _ = self.changes.send(Change::Revoked(partitions(tpl)));
-        }
-    }
-
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            if tpl.count() > 0 {
-                if let Err(e) = consumer.pause(tpl) {
-                    error!(error = %e, "pausing newly assigned partitions failed");
-                }
-                let _ = self.changes.send(Change::Assigned(partitions(tpl)));
-            }
-        }
-    }
-}
-
-fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
-    tpl.elements().iter().map(|e| e.partition()).collect()
-}
-
 /// Handles for the caller: readiness and metrics of a running processor.
 #[derive(Clone, Default)]
 pub struct ProcessorStatus {
@@ -119,8 +76,11 @@ pub async fn run<A: CommandStream>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let topics = Topics::new(&config.kafka.topic_prefix);
-    let (changes_tx, mut changes) = mpsc::unbounded_channel();
     let group = format!("{}.{}.processor", config.kafka.topic_prefix, A::STREAM);
+    let metrics = status.metrics.clone();
+    let lag_group = group.clone();
+    let (context, mut changes) =
+        Rebalances::new(move |statistics| metrics.record_lag(&lag_group, statistics));
     let consumer: StreamConsumer<Rebalances> = config
         .kafka
         .client()
@@ -133,11 +93,7 @@ pub async fn run<A: CommandStream>(
         .set("isolation.level", "read_committed")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .create_with_context(Rebalances {
-            changes: changes_tx,
-            metrics: status.metrics.clone(),
-            group: group.clone(),
-        })
+        .create_with_context(context)
         .context("creating the command consumer")?;
     consumer
         .subscribe(&[&topics.commands(A::STREAM)])
@@ -196,18 +152,7 @@ pub async fn run<A: CommandStream>(
     for (_, (_, stop)) in workers.drain() {
         stop.cancel();
     }
-    let bound = tokio::time::sleep(WORKER_STOP_BOUND);
-    tokio::pin!(bound);
-    loop {
-        tokio::select! {
-            _ = &mut bound => {
-                warn!(stream = A::STREAM, "workers still busy at the shutdown bound; aborting them");
-                break;
-            }
-            next = tasks.join_next() => if next.is_none() { break },
-        }
-    }
-    tasks.shutdown().await;
+    group::stop_workers(&mut tasks, WORKER_STOP_BOUND, A::STREAM).await;
     shared.rebuilding.store(0, Ordering::SeqCst);
     shared.consumer.unsubscribe();
     result

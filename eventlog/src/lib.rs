@@ -14,6 +14,7 @@
 
 mod config;
 mod envelope;
+pub mod group;
 mod partitioner;
 mod reader;
 mod token;

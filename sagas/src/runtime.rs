@@ -16,12 +16,11 @@ use aggregates::{OrderEvent, OrderId, OrderStatus};
 use anyhow::{anyhow, bail, Context};
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
-use eventlog::rdkafka::consumer::{
-    BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use eventlog::group::{self, Change, Rebalances};
+use eventlog::rdkafka::consumer::{Consumer, StreamConsumer};
 use eventlog::rdkafka::error::KafkaError;
 use eventlog::rdkafka::message::{Message, OwnedMessage};
-use eventlog::rdkafka::{ClientContext, Offset, TopicPartitionList};
+use eventlog::rdkafka::{Offset, TopicPartitionList};
 use eventlog::{
     classify, partition_for, read_partition, CommandEnvelope, CommandResult, EventEnvelope,
     EventMetadata, KafkaConfig, ReplyTo, Topics, TxnErrorKind, TxnProducer,
@@ -67,49 +66,6 @@ struct Shared {
     status: SagaRuntimeStatus,
 }
 
-enum Change {
-    Assigned(Vec<i32>),
-    Revoked(Vec<i32>),
-}
-
-struct Rebalances {
-    changes: mpsc::UnboundedSender<Change>,
-    metrics: SagaMetrics,
-    group: String,
-}
-
-impl ClientContext for Rebalances {
-    fn stats(&self, statistics: eventlog::rdkafka::Statistics) {
-        self.metrics.record_lag(&self.group, &statistics);
-    }
-}
-
-impl ConsumerContext for Rebalances {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            let _ = self.changes.send(Change::Revoked(partitions(tpl)));
-        }
-    }
-
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            if tpl.count() > 0 {
-                if let Err(e) = consumer.pause(tpl) {
-                    error!(error = %e, "pausing newly assigned saga partitions failed");
-                }
-                let _ = self.changes.send(Change::Assigned(partitions(tpl)));
-            }
-        }
-    }
-}
-
-fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
-    let mut ps: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-    ps.sort_unstable();
-    ps.dedup();
-    ps
-}
-
 /// Runs the orchestrator until `shutdown`, or until a partition worker fails (e.g.
 /// fenced), which ends it with that error so the caller can restart it.
 pub async fn run(
@@ -118,8 +74,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let topics = Topics::new(&config.kafka.topic_prefix);
-    let (changes_tx, mut changes) = mpsc::unbounded_channel();
     let group = format!("{}.{STREAM}", config.kafka.topic_prefix);
+    let metrics = status.metrics.clone();
+    let lag_group = group.clone();
+    let (context, mut changes) =
+        Rebalances::new(move |statistics| metrics.record_lag(&lag_group, statistics));
     let consumer: StreamConsumer<Rebalances> = config
         .kafka
         .client()
@@ -134,11 +93,7 @@ pub async fn run(
         .set("isolation.level", "read_committed")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .create_with_context(Rebalances {
-            changes: changes_tx,
-            metrics: status.metrics.clone(),
-            group: group.clone(),
-        })
+        .create_with_context(context)
         .context("creating the saga consumer")?;
     consumer
         .subscribe(&[&topics.events("order"), &topics.saga_inbox()])
@@ -189,18 +144,7 @@ pub async fn run(
     for (_, (_, stop)) in workers.drain() {
         stop.cancel();
     }
-    let bound = tokio::time::sleep(WORKER_STOP_BOUND);
-    tokio::pin!(bound);
-    loop {
-        tokio::select! {
-            _ = &mut bound => {
-                warn!("workers still busy at the shutdown bound; aborting them");
-                break;
-            }
-            next = tasks.join_next() => if next.is_none() { break },
-        }
-    }
-    tasks.shutdown().await;
+    group::stop_workers(&mut tasks, WORKER_STOP_BOUND, STREAM).await;
     shared.status.rebuilding.store(0, Ordering::SeqCst);
     shared.consumer.unsubscribe();
     result
