@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::routing::post;
-use common::{database_for, new_prefix, order_body};
+use common::{new_prefix, order_body, TallyProcess};
 use serde_json::json;
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -38,44 +37,17 @@ async fn spans_are_exported_over_otlp_in_the_callers_trace() {
     tokio::spawn(async move { axum::serve(listener, collector).await });
 
     let prefix = new_prefix();
-    let database = database_for(&prefix).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let log = std::env::temp_dir().join(format!("{prefix}-otlp.log"));
-    let out = std::fs::File::create(&log).unwrap();
-    let mut tally = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "serve",
-            "--topic-prefix",
-            &prefix,
-            "--partitions",
-            "2",
-            "--database-url",
-            &database,
-        ])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("TALLY_OTLP_ENDPOINT", format!("http://{collector_addr}"))
-        .env("TALLY_LOG", "info")
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    let tally = TallyProcess::start(
+        &prefix,
+        &[],
+        &[("TALLY_OTLP_ENDPOINT", format!("http://{collector_addr}"))],
+        &log,
+    )
+    .await;
+    tally.wait_ready().await;
+    let base = tally.base.clone();
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while http
-        .get(format!("{base}/readyz"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     let trace = uuid::Uuid::new_v4();
     let traceparent = format!("00-{}-00f067aa0ba902b7-01", trace.simple());
@@ -117,9 +89,5 @@ async fn spans_are_exported_over_otlp_in_the_callers_trace() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    Command::new("kill")
-        .args(["-TERM", &tally.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(tally.wait().unwrap().success());
+    assert!(tally.terminate().success());
 }

@@ -6,67 +6,22 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{database_for, events, new_prefix, order_body};
+use common::{database_for, events, new_prefix, order_body, TallyProcess};
 use eventlog::KafkaConfig;
 use serde_json::json;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn serve(prefix: &str, database: &str, port: u16, log: &std::path::Path) -> Child {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "serve",
-            "--topic-prefix",
-            prefix,
-            "--partitions",
-            "2",
-            "--database-url",
-            database,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--shutdown-drain-ms",
-            "1500",
-            "--shutdown-timeout-secs",
-            "20",
-        ])
-        .env("TALLY_LOG", "info")
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .expect("starting tally")
-}
-
-async fn wait_ready(http: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tally at {base} not ready within 90 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+/// Shuts down with a 1.5 s drain and a 20 s bound.
+const SHUTDOWN: [&str; 4] = [
+    "--shutdown-drain-ms",
+    "1500",
+    "--shutdown-timeout-secs",
+    "20",
+];
 
 /// Creates and places orders until `stop`; answers the ids whose creation got a 2xx and
 /// those whose place did.
@@ -120,11 +75,15 @@ async fn sigterm_under_load_finishes_in_flight_work_and_a_restart_duplicates_not
     let dir = std::env::temp_dir().join(&prefix);
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("tally.log");
-    let port = free_port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    let mut tally = serve(&prefix, &database, port, &log);
-    wait_ready(&http, &base).await;
+    let mut tally = TallyProcess::start_on(&prefix, &database, port, &SHUTDOWN, &[], &log);
+    tally.wait_ready().await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..8)
@@ -134,7 +93,7 @@ async fn sigterm_under_load_finishes_in_flight_work_and_a_restart_duplicates_not
 
     let signalled = Instant::now();
     let status = Command::new("kill")
-        .args(["-TERM", &tally.id().to_string()])
+        .args(["-TERM", &tally.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -155,7 +114,7 @@ async fn sigterm_under_load_finishes_in_flight_work_and_a_restart_duplicates_not
     );
 
     let exit = loop {
-        if let Some(exit) = tally.try_wait().unwrap() {
+        if let Some(exit) = tally.child.try_wait().unwrap() {
             break exit;
         }
         assert!(
@@ -223,8 +182,8 @@ async fn sigterm_under_load_finishes_in_flight_work_and_a_restart_duplicates_not
 
     // A restart resumes: the sagas of orders placed before the signal finish (no stock:
     // each is rejected), and nothing is doubled.
-    let mut tally = serve(&prefix, &database, port, &log);
-    wait_ready(&http, &base).await;
+    let tally = TallyProcess::start_on(&prefix, &database, port, &SHUTDOWN, &[], &log);
+    tally.wait_ready().await;
     for id in placed.iter().rev().take(20) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -255,9 +214,5 @@ async fn sigterm_under_load_finishes_in_flight_work_and_a_restart_duplicates_not
             .count();
         assert!(rejections <= 1, "{id} rejected twice");
     }
-    Command::new("kill")
-        .args(["-TERM", &tally.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(tally.wait().unwrap().success());
+    assert!(tally.terminate().success());
 }

@@ -4,62 +4,28 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{database_for, new_prefix, order_body};
+use common::{new_prefix, order_body, TallyProcess};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trace_id_sent_with_a_command_reaches_the_saga_and_projector_logs() {
     let prefix = new_prefix();
-    let database = database_for(&prefix).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = std::env::temp_dir().join(&prefix);
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("tally.jsonl");
-    let out = std::fs::File::create(&log).unwrap();
-    let mut tally = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "serve",
-            "--topic-prefix",
-            &prefix,
-            "--partitions",
-            "2",
-            "--database-url",
-            &database,
-        ])
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--log-format",
-            "json",
-        ])
-        .env(
+    let log = std::env::temp_dir().join(format!("{prefix}-trace.jsonl"));
+    let tally = TallyProcess::start(
+        &prefix,
+        &["--log-format", "json"],
+        &[(
             "TALLY_LOG",
-            "info,commands=debug,sagas=debug,projections=debug",
-        )
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+            "info,commands=debug,sagas=debug,projections=debug".into(),
+        )],
+        &log,
+    )
+    .await;
+    tally.wait_ready().await;
+    let base = tally.base.clone();
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while http
-        .get(format!("{base}/readyz"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     let trace = uuid::Uuid::new_v4().simple().to_string();
     let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
@@ -125,9 +91,5 @@ async fn a_trace_id_sent_with_a_command_reaches_the_saga_and_projector_logs() {
         .unwrap();
     assert_eq!(decided["aggregate_id"], id.as_str());
     assert!(decided["command_id"].is_string());
-    Command::new("kill")
-        .args(["-TERM", &tally.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(tally.wait().unwrap().success());
+    assert!(tally.terminate().success());
 }

@@ -257,3 +257,90 @@ impl TestApp {
         }
     }
 }
+
+/// A `tally serve` in a process of its own (to be signalled or killed for real), on a
+/// free port, with its own database; its output goes to `log`.
+pub struct TallyProcess {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+impl TallyProcess {
+    /// Starts `tally serve` for `prefix` with extra `args` and environment.
+    pub async fn start(
+        prefix: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+        log: &std::path::Path,
+    ) -> Self {
+        let database = database_for(prefix).await;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(prefix, &database, port, args, env, log)
+    }
+
+    /// The same on a given port and database (a restart of the same instance).
+    pub fn start_on(
+        prefix: &str,
+        database: &str,
+        port: u16,
+        args: &[&str],
+        env: &[(&str, String)],
+        log: &std::path::Path,
+    ) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let listen = format!("127.0.0.1:{port}");
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+        command
+            .args(["serve", "--topic-prefix", prefix, "--partitions", "2"])
+            .args(["--database-url", database, "--listen", &listen])
+            .args(args)
+            .env("TALLY_LOG", "info")
+            .stdout(std::process::Stdio::from(out.try_clone().unwrap()))
+            .stderr(std::process::Stdio::from(out));
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("starting tally");
+        Self {
+            child,
+            base: format!("http://{listen}"),
+        }
+    }
+
+    /// Polls `/readyz` until 200, with a deadline.
+    pub async fn wait_ready(&self) {
+        let http = reqwest::Client::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        while http
+            .get(format!("{}/readyz", self.base))
+            .send()
+            .await
+            .map(|r| r.status() != 200)
+            .unwrap_or(true)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tally at {} not ready within 90 s",
+                self.base
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        self.child.wait().unwrap()
+    }
+}
