@@ -407,10 +407,12 @@ pub fn router(state: AppState, limits: Limits, ops: ops::Ops, routes: Router) ->
                         aggregate_id = tracing::field::Empty,
                     );
                     // Exported spans continue the caller's trace.
-                    let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(
-                        &span,
-                        telemetry::parent_context(req.headers()),
-                    );
+                    if !span.is_disabled() {
+                        let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(
+                            &span,
+                            telemetry::parent_context(req.headers()),
+                        );
+                    }
                     span
                 })
                 // A 503 from /readyz while partitions rebuild, or a command timing out, is news for

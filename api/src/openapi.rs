@@ -59,3 +59,49 @@ pub struct QueryHeaders {
     #[param(rename = "X-Consistency-Token", value_type = Option<String>)]
     pub consistency_token: Option<String>,
 }
+
+/// What every command route may answer besides its success (API.md).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum CommandErrors {
+    /// Malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers.
+    #[response(status = 400)]
+    Malformed(ErrorBody),
+    /// If-Match named another version (`details.current_version`).
+    #[response(status = 409)]
+    VersionConflict(ErrorBody),
+    /// Body over 65,536 bytes.
+    #[response(status = 413)]
+    PayloadTooLarge(ErrorBody),
+    /// A body that is not `application/json`.
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorBody),
+    /// A rule says no (`details.rule`), or the Idempotency-Key was used for another request.
+    #[response(status = 422)]
+    RuleViolation(ErrorBody),
+    /// No outcome within the command timeout (a retry with the same Idempotency-Key is
+    /// safe), or not ready.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
+/// What every query route may answer besides its success.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum QueryErrors {
+    /// A malformed id, query parameter or consistency token.
+    #[response(status = 400)]
+    Malformed(ErrorBody),
+    /// Not caught up with the consistency token within 10 s.
+    #[response(status = 503)]
+    NotCaughtUp(ErrorBody),
+}
+
+/// No such aggregate.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum NotFound {
+    /// No such aggregate.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+}

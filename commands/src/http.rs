@@ -6,7 +6,7 @@ use aggregates::{
     PaymentAccount, PaymentCommand, Quantity, Sku, ValueError,
 };
 use api::auth::{require_customer, Principal};
-use api::openapi::{CommandAccepted, CommandHeaders, ErrorBody};
+use api::openapi::{CommandAccepted, CommandErrors, CommandHeaders, ErrorBody, NotFound};
 use api::{json_body, parse_customer_id, parse_order_id, parse_sku, ApiError};
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -158,12 +158,7 @@ async fn read<T: serde::de::DeserializeOwned>(
     params(CommandHeaders),
     responses(
         (status = 201, description = "created", body = CommandAccepted),
-        (status = 400, description = "malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers", body = ErrorBody),
-        (status = 409, description = "If-Match named another version (`details.current_version`)", body = ErrorBody),
-        (status = 413, description = "body over 65,536 bytes", body = ErrorBody),
-        (status = 415, description = "a body that is not `application/json`", body = ErrorBody),
-        (status = 422, description = "a rule says no (`details.rule`), or the Idempotency-Key was used for another request", body = ErrorBody),
-        (status = 503, description = "no outcome within the command timeout (a retry with the same Idempotency-Key is safe), or not ready", body = ErrorBody)
+        CommandErrors
     )
 )]
 async fn create_order(State(api): State<CommandApi>, request: Request) -> Response {
@@ -216,13 +211,8 @@ async fn create_order(State(api): State<CommandApi>, request: Request) -> Respon
     params(("order_id" = uuid::Uuid, Path, description = "the order's UUID"), CommandHeaders),
     responses(
         (status = 200, description = "applied", body = CommandAccepted),
-        (status = 400, description = "malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers", body = ErrorBody),
-        (status = 404, description = "no such aggregate", body = ErrorBody),
-        (status = 409, description = "If-Match named another version (`details.current_version`)", body = ErrorBody),
-        (status = 413, description = "body over 65,536 bytes", body = ErrorBody),
-        (status = 415, description = "a body that is not `application/json`", body = ErrorBody),
-        (status = 422, description = "a rule says no (`details.rule`), or the Idempotency-Key was used for another request", body = ErrorBody),
-        (status = 503, description = "no outcome within the command timeout (a retry with the same Idempotency-Key is safe), or not ready", body = ErrorBody)
+        CommandErrors,
+        NotFound
     )
 )]
 async fn add_line(
@@ -250,13 +240,8 @@ async fn add_line(
     params(("order_id" = uuid::Uuid, Path, description = "the order's UUID"), ("sku" = String, Path, pattern = r"^[A-Za-z0-9._-]{1,64}$"), CommandHeaders),
     responses(
         (status = 200, description = "applied", body = CommandAccepted),
-        (status = 400, description = "malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers", body = ErrorBody),
-        (status = 404, description = "no such aggregate", body = ErrorBody),
-        (status = 409, description = "If-Match named another version (`details.current_version`)", body = ErrorBody),
-        (status = 413, description = "body over 65,536 bytes", body = ErrorBody),
-        (status = 415, description = "a body that is not `application/json`", body = ErrorBody),
-        (status = 422, description = "a rule says no (`details.rule`), or the Idempotency-Key was used for another request", body = ErrorBody),
-        (status = 503, description = "no outcome within the command timeout (a retry with the same Idempotency-Key is safe), or not ready", body = ErrorBody)
+        CommandErrors,
+        NotFound
     )
 )]
 async fn remove_line(
@@ -285,13 +270,8 @@ async fn remove_line(
     params(("order_id" = uuid::Uuid, Path, description = "the order's UUID"), CommandHeaders),
     responses(
         (status = 200, description = "applied", body = CommandAccepted),
-        (status = 400, description = "malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers", body = ErrorBody),
-        (status = 404, description = "no such aggregate", body = ErrorBody),
-        (status = 409, description = "If-Match named another version (`details.current_version`)", body = ErrorBody),
-        (status = 413, description = "body over 65,536 bytes", body = ErrorBody),
-        (status = 415, description = "a body that is not `application/json`", body = ErrorBody),
-        (status = 422, description = "a rule says no (`details.rule`), or the Idempotency-Key was used for another request", body = ErrorBody),
-        (status = 503, description = "no outcome within the command timeout (a retry with the same Idempotency-Key is safe), or not ready", body = ErrorBody)
+        CommandErrors,
+        NotFound
     )
 )]
 async fn place_order(
@@ -319,13 +299,8 @@ async fn place_order(
     params(("order_id" = uuid::Uuid, Path, description = "the order's UUID"), CommandHeaders),
     responses(
         (status = 200, description = "applied", body = CommandAccepted),
-        (status = 400, description = "malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers", body = ErrorBody),
-        (status = 404, description = "no such aggregate", body = ErrorBody),
-        (status = 409, description = "If-Match named another version (`details.current_version`)", body = ErrorBody),
-        (status = 413, description = "body over 65,536 bytes", body = ErrorBody),
-        (status = 415, description = "a body that is not `application/json`", body = ErrorBody),
-        (status = 422, description = "a rule says no (`details.rule`), or the Idempotency-Key was used for another request", body = ErrorBody),
-        (status = 503, description = "no outcome within the command timeout (a retry with the same Idempotency-Key is safe), or not ready", body = ErrorBody)
+        CommandErrors,
+        NotFound
     )
 )]
 async fn cancel_order(
@@ -360,12 +335,7 @@ async fn cancel_order(
     responses(
         (status = 200, description = "applied", body = CommandAccepted),
         (status = 201, description = "applied, the first time for this aggregate", body = CommandAccepted),
-        (status = 400, description = "malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers", body = ErrorBody),
-        (status = 409, description = "If-Match named another version (`details.current_version`)", body = ErrorBody),
-        (status = 413, description = "body over 65,536 bytes", body = ErrorBody),
-        (status = 415, description = "a body that is not `application/json`", body = ErrorBody),
-        (status = 422, description = "a rule says no (`details.rule`), or the Idempotency-Key was used for another request", body = ErrorBody),
-        (status = 503, description = "no outcome within the command timeout (a retry with the same Idempotency-Key is safe), or not ready", body = ErrorBody)
+        CommandErrors
     )
 )]
 async fn restock(
@@ -399,12 +369,7 @@ async fn restock(
     responses(
         (status = 200, description = "applied", body = CommandAccepted),
         (status = 201, description = "applied, the first time for this aggregate", body = CommandAccepted),
-        (status = 400, description = "malformed request: unreadable JSON, unknown fields, wrong types, bad ids or headers", body = ErrorBody),
-        (status = 409, description = "If-Match named another version (`details.current_version`)", body = ErrorBody),
-        (status = 413, description = "body over 65,536 bytes", body = ErrorBody),
-        (status = 415, description = "a body that is not `application/json`", body = ErrorBody),
-        (status = 422, description = "a rule says no (`details.rule`), or the Idempotency-Key was used for another request", body = ErrorBody),
-        (status = 503, description = "no outcome within the command timeout (a retry with the same Idempotency-Key is safe), or not ready", body = ErrorBody)
+        CommandErrors
     )
 )]
 async fn deposit(
@@ -457,6 +422,11 @@ impl CommandApi {
         command_id: Option<Uuid>,
     ) -> Response {
         let started = std::time::Instant::now();
+        let command = match serde_json::to_value(command) {
+            Ok(command) => command,
+            Err(e) => return ApiError::internal(e).into_response(),
+        };
+        let name = crate::metrics::command_name(&command);
         let response = match self
             .try_submit::<A>(parts, aggregate_id, command, raw_body, command_id)
             .await
@@ -464,9 +434,6 @@ impl CommandApi {
             Ok(result) => answer(&result),
             Err(e) => e.into_response(),
         };
-        let name = serde_json::to_value(command)
-            .map(|c| crate::metrics::command_name(&c))
-            .unwrap_or_default();
         self.metrics.record_request(
             A::STREAM,
             &name,
@@ -480,14 +447,13 @@ impl CommandApi {
         &self,
         parts: &Parts,
         mut aggregate_id: String,
-        command: &A::Command,
+        mut command: Value,
         raw_body: &Value,
         command_id: Option<Uuid>,
     ) -> Result<CommandResult, ApiError> {
         let expected_version = if_match(&parts.headers)?;
         let key = idempotency_key(&parts.headers)?;
         let actor = parts.extensions.get::<Principal>().map(Principal::actor);
-        let mut command = serde_json::to_value(command).map_err(ApiError::internal)?;
         let mut command_id = command_id.unwrap_or_else(Uuid::new_v4);
         if let Some(key) = &key {
             // The caller is part of the request: another caller's key is another request.

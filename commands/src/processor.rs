@@ -79,25 +79,13 @@ pub async fn run<A: CommandStream>(
     let group = format!("{}.{}.processor", config.kafka.topic_prefix, A::STREAM);
     let metrics = status.metrics.clone();
     let lag_group = group.clone();
-    let (context, mut changes) =
-        Rebalances::new(move |statistics| metrics.record_lag(&lag_group, statistics));
-    let consumer: StreamConsumer<Rebalances> = config
-        .kafka
-        .client()
-        .set("group.id", &group)
-        .set("statistics.interval.ms", "5000")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .create_with_context(context)
-        .context("creating the command consumer")?;
-    consumer
-        .subscribe(&[&topics.commands(A::STREAM)])
-        .context("subscribing to the command topic")?;
+    let (consumer, mut changes) = group::owner_consumer(
+        &config.kafka,
+        &group,
+        "cooperative-sticky",
+        &[&topics.commands(A::STREAM)],
+        move |statistics| metrics.record_lag(&lag_group, statistics),
+    )?;
     let shared = Arc::new(Shared {
         kafka: config.kafka.clone(),
         topics,

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -87,4 +88,35 @@ pub async fn stop_workers<T: 'static>(tasks: &mut JoinSet<T>, bound: Duration, w
         }
     }
     tasks.shutdown().await;
+}
+
+/// A partition owner's consumer of `topics` in `group`: offsets only ever committed by
+/// the owner's transactions, `read_committed`, newly assigned partitions paused, and
+/// librdkafka's statistics every 5 s handed to `on_stats`. `assignment` is the
+/// `partition.assignment.strategy`.
+pub fn owner_consumer(
+    kafka: &crate::KafkaConfig,
+    group: &str,
+    assignment: &str,
+    topics: &[&str],
+    on_stats: impl Fn(&Statistics) + Send + Sync + 'static,
+) -> anyhow::Result<(StreamConsumer<Rebalances>, mpsc::UnboundedReceiver<Change>)> {
+    let (context, changes) = Rebalances::new(on_stats);
+    let consumer: StreamConsumer<Rebalances> = kafka
+        .client()
+        .set("group.id", group)
+        .set("statistics.interval.ms", "5000")
+        .set("partition.assignment.strategy", assignment)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .create_with_context(context)
+        .with_context(|| format!("creating the consumer of group {group}"))?;
+    consumer
+        .subscribe(topics)
+        .with_context(|| format!("subscribing to {topics:?}"))?;
+    Ok((consumer, changes))
 }

@@ -24,7 +24,7 @@ use crate::orders::{self, OrderRow};
 use crate::progress::Progress;
 use crate::{accounts, inventory};
 use api::auth::{require_customer, Principal};
-use api::openapi::{ErrorBody, QueryHeaders};
+use api::openapi::{ErrorBody, NotFound, QueryErrors, QueryHeaders};
 
 /// How long a query waits for its consistency token.
 const TOKEN_WAIT: Duration = Duration::from_secs(10);
@@ -175,9 +175,8 @@ fn respond(result: Result<Response, ApiError>) -> Response {
     params(("order_id" = uuid::Uuid, Path), ("at_version" = Option<u64>, Query, minimum = 1, description = "the order as it was after event N"), QueryHeaders),
     responses(
         (status = 200, description = "found", body = OrderView),
-        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
-        (status = 404, description = "no such aggregate", body = ErrorBody),
-        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+        QueryErrors,
+        NotFound
     )
 )]
 pub(crate) async fn get_order(
@@ -225,9 +224,8 @@ pub(crate) async fn get_order(
     params(("order_id" = uuid::Uuid, Path), QueryHeaders),
     responses(
         (status = 200, description = "found", body = SagaView),
-        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
-        (status = 404, description = "no such aggregate", body = ErrorBody),
-        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+        QueryErrors,
+        NotFound
     )
 )]
 pub(crate) async fn get_saga(
@@ -302,9 +300,8 @@ async fn order_at_version(
     params(("customer_id" = String, Query, pattern = r"^[A-Za-z0-9._-]{1,64}$"), ("status" = Option<String>, Query, pattern = "^(draft|placed|confirmed|rejected|cancelled)$"), ("limit" = Option<u32>, Query, minimum = 1, maximum = 500), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"), QueryHeaders),
     responses(
         (status = 200, description = "found", body = OrderPage),
-        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
         (status = 422, description = "a parameter out of range (`details.rule`)", body = ErrorBody),
-        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+        QueryErrors
     )
 )]
 pub(crate) async fn list_orders(
@@ -400,9 +397,8 @@ fn decode_cursor(s: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
     params(("order_id" = uuid::Uuid, Path), QueryHeaders),
     responses(
         (status = 200, description = "found", body = History),
-        (status = 404, description = "no such aggregate", body = ErrorBody),
-        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
-        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+        QueryErrors,
+        NotFound
     )
 )]
 pub(crate) async fn order_events(
@@ -434,9 +430,8 @@ pub(crate) async fn order_events(
     params(("sku" = String, Path, pattern = r"^[A-Za-z0-9._-]{1,64}$"), QueryHeaders),
     responses(
         (status = 200, description = "found", body = InventoryView),
-        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
-        (status = 404, description = "no such aggregate", body = ErrorBody),
-        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+        QueryErrors,
+        NotFound
     )
 )]
 pub(crate) async fn get_inventory(
@@ -472,9 +467,8 @@ pub(crate) async fn get_inventory(
     params(("sku" = String, Path, pattern = r"^[A-Za-z0-9._-]{1,64}$"), QueryHeaders),
     responses(
         (status = 200, description = "found", body = History),
-        (status = 404, description = "no such aggregate", body = ErrorBody),
-        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
-        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+        QueryErrors,
+        NotFound
     )
 )]
 pub(crate) async fn inventory_events(
@@ -506,9 +500,8 @@ pub(crate) async fn inventory_events(
     params(("customer_id" = String, Path, pattern = r"^[A-Za-z0-9._-]{1,64}$"), QueryHeaders),
     responses(
         (status = 200, description = "found", body = AccountView),
-        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
-        (status = 404, description = "no such aggregate", body = ErrorBody),
-        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+        QueryErrors,
+        NotFound
     )
 )]
 pub(crate) async fn get_account(
@@ -543,9 +536,8 @@ pub(crate) async fn get_account(
     params(("customer_id" = String, Path, pattern = r"^[A-Za-z0-9._-]{1,64}$"), QueryHeaders),
     responses(
         (status = 200, description = "found", body = History),
-        (status = 404, description = "no such aggregate", body = ErrorBody),
-        (status = 400, description = "a malformed id, query parameter or consistency token", body = ErrorBody),
-        (status = 503, description = "not caught up with the consistency token within 10 s", body = ErrorBody)
+        QueryErrors,
+        NotFound
     )
 )]
 pub(crate) async fn account_events(

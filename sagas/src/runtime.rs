@@ -77,27 +77,15 @@ pub async fn run(
     let group = format!("{}.{STREAM}", config.kafka.topic_prefix);
     let metrics = status.metrics.clone();
     let lag_group = group.clone();
-    let (context, mut changes) =
-        Rebalances::new(move |statistics| metrics.record_lag(&lag_group, statistics));
-    let consumer: StreamConsumer<Rebalances> = config
-        .kafka
-        .client()
-        .set("group.id", &group)
-        .set("statistics.interval.ms", "5000")
-        // Partition n of both topics to the same member: the order's events and the
-        // replies to its saga's commands meet in one worker.
-        .set("partition.assignment.strategy", "range")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .create_with_context(context)
-        .context("creating the saga consumer")?;
-    consumer
-        .subscribe(&[&topics.events("order"), &topics.saga_inbox()])
-        .context("subscribing to the order events and the saga inbox")?;
+    // `range`: partition n of both topics to the same member, so the order's events and
+    // the replies to its saga's commands meet in one worker.
+    let (consumer, mut changes) = group::owner_consumer(
+        &config.kafka,
+        &group,
+        "range",
+        &[&topics.events("order"), &topics.saga_inbox()],
+        move |statistics| metrics.record_lag(&lag_group, statistics),
+    )?;
     let shared = Arc::new(Shared {
         config,
         topics,
@@ -367,7 +355,11 @@ impl Worker {
             match self.transact(&work, &consumed).await {
                 Ok(staged) => {
                     for (id, slot) in staged {
-                        self.record(&id, &slot);
+                        record(&self.shared.status.metrics, self.sagas.get(&id), &slot);
+                        match slot.state.next_deadline() {
+                            Some(d) => self.deadlines.insert(id.clone(), d),
+                            None => self.deadlines.remove(&id),
+                        };
                         self.sagas.insert(id, slot);
                     }
                     return Ok(());
@@ -393,48 +385,6 @@ impl Worker {
                     }
                     tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
                 }
-            }
-        }
-    }
-
-    /// Updates deadlines and metrics for a saga whose step committed.
-    fn record(&mut self, id: &str, slot: &Slot) {
-        let before = self.sagas.get(id);
-        let metrics = &self.shared.status.metrics;
-        let was = before.and_then(|b| b.state.status);
-        let now = slot.state.status;
-        if was != now {
-            use crate::SagaStatus::Running;
-            match (was, now) {
-                (Some(Running), Some(end)) => {
-                    metrics.add_running(-1);
-                    metrics.ended(end);
-                }
-                (None, Some(Running)) => {
-                    metrics.started();
-                    metrics.add_running(1);
-                }
-                (Some(_), Some(Running)) => metrics.add_running(1),
-                _ => {}
-            }
-        }
-        let known = before.map(|b| b.state.steps.clone()).unwrap_or_default();
-        for (i, step) in slot.state.steps.iter().enumerate() {
-            let was_open = known
-                .get(i)
-                .is_none_or(|s| s.status == crate::fulfilment::StepStatus::Started);
-            if was_open && step.status != crate::fulfilment::StepStatus::Started {
-                let seconds =
-                    (step.at - step.started_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-                metrics.step_ended(step.name, step.status, seconds);
-            }
-        }
-        match slot.state.next_deadline() {
-            Some(d) => {
-                self.deadlines.insert(id.to_string(), d);
-            }
-            None => {
-                self.deadlines.remove(id);
             }
         }
     }
@@ -468,7 +418,7 @@ impl Worker {
             // One span per step, in the trace of the request that placed the order (exported
             // when OTLP is on); the step's log lines carry its fields.
             let span = tracing::info_span!("saga_step", saga_id = %w.saga_id, input = input_name(&w.input));
-            if let Some(traceparent) = &slot.traceparent {
+            if let (false, Some(traceparent)) = (span.is_disabled(), &slot.traceparent) {
                 let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(
                     &span,
                     parent_context(traceparent),
@@ -477,7 +427,7 @@ impl Worker {
             let _step = span.enter();
             let events = slot
                 .state
-                .decide(w.input.clone(), now, self.shared.config.deadlines);
+                .run(w.input.clone(), now, self.shared.config.deadlines);
             debug!(
                 saga_id = %w.saga_id,
                 partition = self.partition,
@@ -497,9 +447,8 @@ impl Worker {
                 actor: Some("saga:order-fulfilment".into()),
                 traceparent: slot.traceparent.clone(),
             };
-            for event in events {
+            for (event, commands) in events {
                 slot.version += 1;
-                slot.state.apply(event.clone());
                 let record = EventEnvelope::wrap::<Fulfilment>(
                     &w.saga_id,
                     slot.version,
@@ -514,7 +463,7 @@ impl Worker {
                     &serde_json::to_vec(&record)?,
                     record.kafka_headers(),
                 )?);
-                for out in slot.state.commands_for(&event) {
+                for out in commands {
                     debug!(saga_id = %w.saga_id, command_id = %out.command_id, stream = out.stream, aggregate_id = %out.aggregate_id, "saga sends a command");
                     let envelope = CommandEnvelope {
                         command_id: out.command_id,
@@ -564,6 +513,34 @@ impl Worker {
         self.producer.commit(sends).await?;
         self.shared.status.metrics.transaction();
         Ok(staged)
+    }
+}
+
+/// Counts what a committed step changed: saga status transitions and ended steps.
+fn record(metrics: &SagaMetrics, before: Option<&Slot>, slot: &Slot) {
+    use crate::fulfilment::StepStatus::Started;
+    use crate::SagaStatus::Running;
+    let was = before.and_then(|b| b.state.status);
+    match (was, slot.state.status) {
+        (was, now) if was == now => {}
+        (Some(Running), Some(end)) => {
+            metrics.add_running(-1);
+            metrics.ended(end);
+        }
+        (None, Some(Running)) => {
+            metrics.started();
+            metrics.add_running(1);
+        }
+        (Some(_), Some(Running)) => metrics.add_running(1),
+        _ => {}
+    }
+    let known = before.map(|b| b.state.steps.as_slice()).unwrap_or_default();
+    for (i, step) in slot.state.steps.iter().enumerate() {
+        let was_open = known.get(i).is_none_or(|s| s.status == Started);
+        if was_open && step.status != Started {
+            let seconds = (step.at - step.started_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            metrics.step_ended(step.name, step.status, seconds);
+        }
     }
 }
 

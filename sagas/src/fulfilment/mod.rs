@@ -235,6 +235,20 @@ impl Fulfilment {
         deadlines: Deadlines,
     ) -> Vec<FulfilmentEvent> {
         let mut next = self.clone();
+        next.run(input, now, deadlines)
+            .into_iter()
+            .map(|(event, _)| event)
+            .collect()
+    }
+
+    /// Decides what `input` means and takes it in: each event is applied as it is
+    /// decided, and comes with the commands it sends (what the runtime writes).
+    pub fn run(
+        &mut self,
+        input: Input,
+        now: DateTime<Utc>,
+        deadlines: Deadlines,
+    ) -> Vec<(FulfilmentEvent, Vec<Outgoing>)> {
         let mut out = Vec::new();
         let first = match input {
             Input::Placed {
@@ -310,11 +324,12 @@ impl Fulfilment {
         };
         let mut batch = first;
         while !batch.is_empty() {
-            for event in &batch {
-                next.apply(event.clone());
+            for event in batch {
+                self.apply(event.clone());
+                let commands = self.commands_for(&event);
+                out.push((event, commands));
             }
-            out.append(&mut batch);
-            batch = next.advance(now, deadlines);
+            batch = self.advance(now, deadlines);
         }
         out
     }
