@@ -160,10 +160,19 @@ pub struct RunArgs {
     /// How long a command request waits for its outcome before answering 503, in seconds.
     #[arg(long, env = "TALLY_COMMAND_TIMEOUT_SECS", default_value_t = 10)]
     pub command_timeout_secs: u64,
-    /// How long processors keep outcomes of commands sent with an Idempotency-Key in
-    /// memory, in seconds (PostgreSQL keeps the answers for 48 hours).
-    #[arg(long, env = "TALLY_DEDUP_WINDOW_SECS", default_value_t = 900)]
+    /// How long processors remember the outcome of every command sent with an
+    /// Idempotency-Key, in seconds: the authority for exactly-once, so it must outlive the
+    /// HTTP key by at least an hour (--idempotency-key-hours). At most 7 days.
+    #[arg(long, env = "TALLY_DEDUP_WINDOW_SECS", default_value_t = 25 * 3600)]
     pub dedup_window_secs: u64,
+    /// How long an Idempotency-Key and its answer are kept, in hours (API.md: at least 24).
+    #[arg(long, env = "TALLY_IDEMPOTENCY_KEY_HOURS", default_value_t = 24, value_parser = clap::value_parser!(u32).range(24..=24 * 6))]
+    pub idempotency_key_hours: u32,
+    /// Proxies (CIDRs, comma-separated) whose `X-Forwarded-For` names the client for the
+    /// per-address rate limit, e.g. `10.0.0.0/8,192.168.1.7/32`. Empty: the peer address
+    /// is the client (behind a proxy, every client then shares the proxy's allowance).
+    #[arg(long, env = "TALLY_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// A role of a Tally process.
@@ -194,6 +203,26 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
 }
 
 impl RunArgs {
+    /// Refuses settings that would break a guarantee, saying which to change.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let key_secs = u64::from(self.idempotency_key_hours) * 3600;
+        anyhow::ensure!(
+            self.dedup_window_secs >= key_secs + 3600,
+            "--dedup-window-secs {} must outlive --idempotency-key-hours {} by an hour (at least {}): \
+             a retry whose key still exists must find the processor's record of its command",
+            self.dedup_window_secs,
+            self.idempotency_key_hours,
+            key_secs + 3600
+        );
+        anyhow::ensure!(
+            self.dedup_window_secs <= eventlog::OUTCOMES_RETENTION.as_secs(),
+            "--dedup-window-secs {} is longer than the command-outcomes topic keeps records ({} s)",
+            self.dedup_window_secs,
+            eventlog::OUTCOMES_RETENTION.as_secs()
+        );
+        Ok(())
+    }
+
     /// The token checker these settings describe; `None` when authentication is off.
     pub fn authenticator(&self) -> anyhow::Result<Option<api::auth::Authenticator>> {
         let auth = match (&self.jwt_hs256_secret, &self.jwt_rs256_public_key_file) {

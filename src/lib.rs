@@ -130,6 +130,7 @@ pub async fn run(
     settings: RunArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    settings.validate()?;
     let local = Local::default();
     let mut tasks = JoinSet::new();
     // Workers stop only after the HTTP server has drained, so that in-flight requests
@@ -222,16 +223,27 @@ pub async fn run(
         };
         let mut routes = commands::http::routes(commands).merge(projections::http::routes(queries));
         if let Some(admin) = admin {
-            routes = routes.merge(projections::admin::routes(admin));
+            // Decided on the route the router matched, however its path was spelled.
+            routes = routes.merge(
+                projections::admin::routes(admin)
+                    .route_layer(axum::middleware::from_fn(api::auth::admin_only)),
+            );
         }
+        tokio::spawn(commands::idempotency::expire_periodically(
+            state.pool.clone(),
+            settings.idempotency_key_hours,
+            Duration::from_secs(600),
+            workers.clone(),
+        ));
         let draining = state.readiness.draining.clone();
         let limits = Limits {
             auth,
             rate: (settings.rate_limit_per_sec > 0.0).then(|| {
-                Arc::new(api::limits::RateLimiter::new(
+                api::limits::RateLimits::new(
                     settings.rate_limit_per_sec,
                     settings.rate_limit_burst,
-                ))
+                    settings.trusted_proxies.clone(),
+                )
             }),
             request_timeout: Duration::from_secs(settings.request_timeout_secs),
         };
@@ -348,7 +360,7 @@ pub struct Limits {
     /// `None`: authentication is off.
     pub auth: Option<Arc<api::auth::Authenticator>>,
     /// `None`: no rate limit.
-    pub rate: Option<Arc<api::limits::RateLimiter>>,
+    pub rate: Option<api::limits::RateLimits>,
     pub request_timeout: Duration,
 }
 
@@ -373,13 +385,19 @@ pub fn router(state: AppState, limits: Limits, ops: ops::Ops, routes: Router) ->
                 "this route does not take that method",
             )
         })
+        // Innermost first: the principal's bucket needs authentication, which needs the
+        // address's bucket to have let the request through (bad tokens are limited too).
         .layer(axum::middleware::from_fn_with_state(
-            limits.rate,
-            api::limits::rate_limit,
+            limits.rate.clone(),
+            api::limits::limit_by_principal,
         ))
         .layer(axum::middleware::from_fn_with_state(
             limits.auth,
             api::auth::authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            limits.rate,
+            api::limits::limit_by_address,
         ))
         .layer(axum::middleware::from_fn(api::limits::header_limits))
         .layer(TimeoutLayer::with_status_code(

@@ -7,6 +7,8 @@ mod body;
 mod error;
 pub mod limits;
 pub mod openapi;
+mod query;
 
 pub use body::{json_body, parse_customer_id, parse_order_id, parse_sku, MAX_BODY_BYTES};
 pub use error::{client_errors_in_shape, ApiError};
+pub use query::QueryParams;

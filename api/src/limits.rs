@@ -1,113 +1,177 @@
 //! Per-client rate limits and header limits, as middleware.
 //!
-//! A client is its token's principal when authentication is on, else its IP address. Each
-//! has a token bucket: `rate` requests a second on average, `burst` at once. The defaults
-//! are far above one client's ordinary use; a client past them gets `429 rate_limited`
-//! with `Retry-After` (seconds) and `details.retry_after_ms`.
+//! Two token buckets, both `rate` requests a second on average and `burst` at once:
+//! - per client address, BEFORE authentication ([`limit_by_address`]), so a flood of bad
+//!   tokens is limited too. Behind a proxy every client shares the proxy's address: with
+//!   `trusted_proxies` (CIDRs), a request from such a proxy is counted against the
+//!   address its `X-Forwarded-For` names (the right-most one that is not itself a
+//!   trusted proxy); from anyone else the header is ignored, so it cannot be forged;
+//! - per principal, AFTER authentication, when it is on ([`limit_by_principal`]), so one
+//!   customer cannot use up a shared address's allowance or escape its own by moving.
+//!
+//! The defaults are far above one client's ordinary use; a client past them gets
+//! `429 rate_limited` with `Retry-After` (seconds) and `details.retry_after_ms`.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use governor::clock::Clock;
+use governor::{DefaultKeyedRateLimiter, Quota};
+use ipnet::IpNet;
 use serde_json::json;
 
 use crate::auth::Principal;
 use crate::ApiError;
 
-/// Buckets kept before idle ones are dropped.
-const MAX_CLIENTS: usize = 100_000;
+/// Checks between two sweeps of buckets that hold no information any more.
+const SWEEP_EVERY: u64 = 10_000;
 
-/// Token buckets per client.
+/// Token buckets per key (an address or a principal).
 pub struct RateLimiter {
-    rate: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<String, Bucket>>,
-}
-
-#[derive(Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
+    buckets: DefaultKeyedRateLimiter<String>,
+    checks: AtomicU64,
 }
 
 impl RateLimiter {
-    /// `rate` requests per second on average, `burst` at once (at least 1).
+    /// `rate` requests per second on average (> 0), `burst` at once (at least 1).
     pub fn new(rate: f64, burst: u32) -> Self {
+        let period = Duration::from_secs_f64(1.0 / rate.max(1e-6));
+        let quota = Quota::with_period(period.max(Duration::from_nanos(1)))
+            .expect("the period is at least 1 ns")
+            .allow_burst(NonZeroU32::new(burst.max(1)).expect("at least 1"));
         Self {
-            rate: rate.max(f64::MIN_POSITIVE),
-            burst: f64::from(burst.max(1)),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: DefaultKeyedRateLimiter::keyed(quota),
+            checks: AtomicU64::new(0),
         }
     }
 
-    /// Takes one request from `client`'s bucket, or says how long until one is there.
-    pub fn check(&self, client: &str) -> Result<(), Duration> {
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= MAX_CLIENTS && !buckets.contains_key(client) {
-            // Drop the buckets that have refilled: they hold no information.
-            let (rate, burst) = (self.rate, self.burst);
-            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+    /// Takes one request from `key`'s bucket, or says how long until one is there.
+    pub fn check(&self, key: &str) -> Result<(), Duration> {
+        if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            // Full buckets hold no information: drop them so memory follows live clients.
+            self.buckets.retain_recent();
+            self.buckets.shrink_to_fit();
         }
-        let bucket = buckets.entry(client.to_string()).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
-        let refilled = bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * self.rate;
-        bucket.tokens = refilled.min(self.burst);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / self.rate))
+        self.buckets
+            .check_key(&key.to_string())
+            .map_err(|not_until| not_until.wait_time_from(self.buckets.clock().now()))
+    }
+}
+
+/// What the two rate-limit middlewares share.
+#[derive(Clone)]
+pub struct RateLimits {
+    pub by_address: Arc<RateLimiter>,
+    pub by_principal: Arc<RateLimiter>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Arc<Vec<IpNet>>,
+}
+
+impl RateLimits {
+    /// Both buckets at `rate`/`burst`, believing `X-Forwarded-For` from `trusted_proxies`.
+    pub fn new(rate: f64, burst: u32, trusted_proxies: Vec<IpNet>) -> Self {
+        Self {
+            by_address: Arc::new(RateLimiter::new(rate, burst)),
+            by_principal: Arc::new(RateLimiter::new(rate, burst)),
+            trusted_proxies: Arc::new(trusted_proxies),
         }
     }
 }
 
-/// The middleware: runs after authentication (so a principal, if any, is known).
-pub async fn rate_limit(
-    State(limiter): State<Option<Arc<RateLimiter>>>,
+/// Probes and scrapers are never limited.
+fn exempt(request: &Request) -> bool {
+    matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics")
+}
+
+/// The middleware that runs BEFORE authentication: one bucket per client address.
+pub async fn limit_by_address(
+    State(limits): State<Option<RateLimits>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(limiter) = limiter else {
+    let Some(limits) = limits else {
         return next.run(request).await;
     };
-    // Probes and scrapers are never limited.
-    if matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics") {
+    if exempt(&request) {
         return next.run(request).await;
     }
-    let client = match request.extensions().get::<Principal>() {
-        Some(principal) => principal.actor(),
-        None => request
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip().to_string())
-            .unwrap_or_default(),
-    };
-    match limiter.check(&client) {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let client = peer
+        .map(|peer| client_address(peer, request.headers(), &limits.trusted_proxies).to_string())
+        .unwrap_or_default();
+    match limits.by_address.check(&format!("addr:{client}")) {
         Ok(()) => next.run(request).await,
-        Err(wait) => {
-            let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-            let mut response = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("too many requests from this client; retry in {seconds} s"),
-            )
-            .with_details(json!({ "retry_after_ms": wait.as_millis() as u64 }))
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-            response
+        Err(wait) => too_many(wait),
+    }
+}
+
+/// The middleware that runs AFTER authentication: one bucket per principal (when
+/// authentication is on; without it the address bucket is the only one).
+pub async fn limit_by_principal(
+    State(limits): State<Option<RateLimits>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (Some(limits), Some(principal)) = (limits, request.extensions().get::<Principal>()) else {
+        return next.run(request).await;
+    };
+    if exempt(&request) {
+        return next.run(request).await;
+    }
+    match limits.by_principal.check(&principal.actor()) {
+        Ok(()) => next.run(request).await,
+        Err(wait) => too_many(wait),
+    }
+}
+
+/// The client's address: the peer, or — when the peer is a trusted proxy — the right-most
+/// `X-Forwarded-For` address that is not a trusted proxy itself.
+pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect::<Vec<_>>();
+    for hop in forwarded.into_iter().rev() {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) if is_trusted(&ip) => client = ip,
+            Ok(ip) => return ip,
+            // A hop we cannot read: the last address we could is the best we know.
+            Err(_) => return client,
         }
     }
+    client
+}
+
+fn too_many(wait: Duration) -> Response {
+    let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let mut response = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("too many requests from this client; retry in {seconds} s"),
+    )
+    .with_details(json!({ "retry_after_ms": wait.as_millis() as u64 }))
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
 }
 
 /// Most header fields one request may carry (below hyper's own 100, past which hyper
@@ -137,6 +201,26 @@ pub async fn header_limits(request: Request, next: Next) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn x_forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            "6.6.6.6, 1.2.3.4, 10.0.0.7".parse().unwrap(),
+        );
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let stranger: IpAddr = "8.8.8.8".parse().unwrap();
+        assert_eq!(
+            client_address(proxy, &headers, &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap(),
+            "the right-most untrusted hop; what the client wrote before it is not believed"
+        );
+        assert_eq!(client_address(stranger, &headers, &trusted), stranger);
+        assert_eq!(client_address(proxy, &headers, &[]), proxy);
+        assert_eq!(client_address(proxy, &HeaderMap::new(), &trusted), proxy);
+    }
 
     #[test]
     fn a_burst_past_the_bucket_waits_for_the_rate() {

@@ -5,7 +5,7 @@ use aggregates::{
     Cents, CustomerId, Inventory, InventoryCommand, Order, OrderCommand, OrderId, OrderLine,
     PaymentAccount, PaymentCommand, Quantity, Sku, ValueError,
 };
-use api::auth::{require_customer, Principal};
+use api::auth::{require_admin, require_customer, Principal};
 use api::openapi::{CommandAccepted, CommandErrors, CommandHeaders, ErrorBody, NotFound};
 use api::{json_body, parse_customer_id, parse_order_id, parse_sku, ApiError};
 use axum::body::Body;
@@ -136,16 +136,26 @@ impl LineBody {
     }
 }
 
-/// Reads the body twice over: as `Value` (the idempotency fingerprint) and as `T`.
-async fn read<T: serde::de::DeserializeOwned>(
-    parts: &Parts,
-    body: Body,
-    optional: bool,
-) -> Result<(T, Value), ApiError> {
-    let value: Value = json_body(&parts.headers, body, optional).await?;
-    let typed = serde_json::from_value(value.clone())
-        .map_err(|e| ApiError::malformed(format!("the request body is not valid: {e}")))?;
-    Ok((typed, value))
+/// Reads the body as JSON (the idempotency fingerprint). A body that is not JSON is
+/// answered `400`/`413`/`415` here, before any key is claimed.
+async fn read(parts: &Parts, body: Body, optional: bool) -> Result<Value, ApiError> {
+    json_body(&parts.headers, body, optional).await
+}
+
+/// The request body as `T` (a `400` when it does not fit).
+fn typed<T: serde::de::DeserializeOwned>(raw: &Value) -> Result<T, ApiError> {
+    serde_json::from_value(raw.clone())
+        .map_err(|e| ApiError::malformed(format!("the request body is not valid: {e}")))
+}
+
+/// `{}` or no body: anything else (`[]`, `42`, `"x"`, a field) is `400`.
+fn empty(raw: &Value) -> Result<(), ApiError> {
+    if !raw.is_object() {
+        return Err(ApiError::malformed(
+            "this command takes no fields: send `{}` or no body",
+        ));
+    }
+    typed::<EmptyBody>(raw).map(|EmptyBody {}| ())
 }
 
 #[utoipa::path(
@@ -163,9 +173,13 @@ async fn read<T: serde::de::DeserializeOwned>(
 )]
 async fn create_order(State(api): State<CommandApi>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let result = async {
-        let (body, raw) = read::<CreateOrderBody>(&parts, body, false).await?;
-        let command_id = Uuid::new_v4();
+    let raw = match read(&parts, body, false).await {
+        Ok(raw) => raw,
+        Err(e) => return e.into_response(),
+    };
+    let command_id = Uuid::new_v4();
+    let parsed = (|| {
+        let body: CreateOrderBody = typed(&raw)?;
         let order_id = match &body.order_id {
             Some(id) => parse_order_id(id)?,
             // Derived from the command id, so a retry with the same Idempotency-Key names
@@ -184,21 +198,13 @@ async fn create_order(State(api): State<CommandApi>, request: Request) -> Respon
             customer_id,
             lines,
         };
-        Ok::<_, ApiError>((
-            order_id.to_string(),
-            command,
-            raw,
-            body.order_id.is_none().then_some(command_id),
-        ))
-    }
-    .await;
-    match result {
-        Ok((id, command, raw, derived)) => {
-            api.submit::<Order>(&parts, id, &command, &raw, derived)
-                .await
-        }
-        Err(e) => e.into_response(),
-    }
+        Ok((order_id.to_string(), command))
+    })();
+    let derived = raw
+        .get("order_id")
+        .is_none_or(Value::is_null)
+        .then_some(command_id);
+    api.submit::<Order>(&parts, &raw, parsed, derived).await
 }
 
 #[utoipa::path(
@@ -221,13 +227,16 @@ async fn add_line(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let result = async {
+    let raw = match read(&parts, body, false).await {
+        Ok(raw) => raw,
+        Err(e) => return e.into_response(),
+    };
+    let parsed = (|| {
         let id = parse_order_id(&order_id)?;
-        let (body, raw) = read::<LineBody>(&parts, body, false).await?;
-        Ok::<_, ApiError>((id, OrderCommand::AddLine(body.into_line()?), raw))
-    }
-    .await;
-    api.respond::<Order>(&parts, result).await
+        let line = typed::<LineBody>(&raw)?.into_line()?;
+        Ok((id.to_string(), OrderCommand::AddLine(line)))
+    })();
+    api.submit::<Order>(&parts, &raw, parsed, None).await
 }
 
 #[utoipa::path(
@@ -250,14 +259,17 @@ async fn remove_line(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let result = async {
+    let raw = match read(&parts, body, true).await {
+        Ok(raw) => raw,
+        Err(e) => return e.into_response(),
+    };
+    let parsed = (|| {
         let id = parse_order_id(&order_id)?;
         let sku = parse_sku(&sku)?;
-        let (_, raw) = read::<EmptyBody>(&parts, body, true).await?;
-        Ok::<_, ApiError>((id, OrderCommand::RemoveLine { sku }, raw))
-    }
-    .await;
-    api.respond::<Order>(&parts, result).await
+        empty(&raw)?;
+        Ok((id.to_string(), OrderCommand::RemoveLine { sku }))
+    })();
+    api.submit::<Order>(&parts, &raw, parsed, None).await
 }
 
 #[utoipa::path(
@@ -280,13 +292,16 @@ async fn place_order(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let result = async {
+    let raw = match read(&parts, body, true).await {
+        Ok(raw) => raw,
+        Err(e) => return e.into_response(),
+    };
+    let parsed = (|| {
         let id = parse_order_id(&order_id)?;
-        let (_, raw) = read::<EmptyBody>(&parts, body, true).await?;
-        Ok::<_, ApiError>((id, OrderCommand::PlaceOrder, raw))
-    }
-    .await;
-    api.respond::<Order>(&parts, result).await
+        empty(&raw)?;
+        Ok((id.to_string(), OrderCommand::PlaceOrder))
+    })();
+    api.submit::<Order>(&parts, &raw, parsed, None).await
 }
 
 #[utoipa::path(
@@ -309,19 +324,16 @@ async fn cancel_order(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let result = async {
+    let raw = match read(&parts, body, false).await {
+        Ok(raw) => raw,
+        Err(e) => return e.into_response(),
+    };
+    let parsed = (|| {
         let id = parse_order_id(&order_id)?;
-        let (body, raw) = read::<CancelBody>(&parts, body, false).await?;
-        Ok::<_, ApiError>((
-            id,
-            OrderCommand::CancelOrder {
-                reason: body.reason,
-            },
-            raw,
-        ))
-    }
-    .await;
-    api.respond::<Order>(&parts, result).await
+        let reason = typed::<CancelBody>(&raw)?.reason;
+        Ok((id.to_string(), OrderCommand::CancelOrder { reason }))
+    })();
+    api.submit::<Order>(&parts, &raw, parsed, None).await
 }
 
 #[utoipa::path(
@@ -344,18 +356,20 @@ async fn restock(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let result = async {
-        let sku = parse_sku(&sku)?;
-        let (body, raw) = read::<RestockBody>(&parts, body, false).await?;
-        let quantity = Quantity::restock(body.quantity).map_err(out_of_range)?;
-        Ok::<_, ApiError>((
-            sku.to_string(),
-            InventoryCommand::Restock { sku, quantity },
-            raw,
-        ))
+    if let Err(e) = require_admin(parts.extensions.get::<Principal>(), "restocking") {
+        return e.into_response();
     }
-    .await;
-    api.respond::<Inventory>(&parts, result).await
+    let raw = match read(&parts, body, false).await {
+        Ok(raw) => raw,
+        Err(e) => return e.into_response(),
+    };
+    let parsed = (|| {
+        let sku = parse_sku(&sku)?;
+        let quantity =
+            Quantity::restock(typed::<RestockBody>(&raw)?.quantity).map_err(out_of_range)?;
+        Ok((sku.to_string(), InventoryCommand::Restock { sku, quantity }))
+    })();
+    api.submit::<Inventory>(&parts, &raw, parsed, None).await
 }
 
 #[utoipa::path(
@@ -378,57 +392,55 @@ async fn deposit(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let result = async {
-        let customer_id = parse_customer_id(&customer_id)?;
-        let (body, raw) = read::<DepositBody>(&parts, body, false).await?;
-        let amount_cents = Cents::deposit(body.amount_cents).map_err(out_of_range)?;
-        Ok::<_, ApiError>((
+    let customer_id = match parse_customer_id(&customer_id).and_then(|id| {
+        // Judged on the very id the command names.
+        require_customer(parts.extensions.get::<Principal>(), id.as_str()).map(|()| id)
+    }) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    let raw = match read(&parts, body, false).await {
+        Ok(raw) => raw,
+        Err(e) => return e.into_response(),
+    };
+    let parsed = (|| {
+        let amount_cents =
+            Cents::deposit(typed::<DepositBody>(&raw)?.amount_cents).map_err(out_of_range)?;
+        Ok((
             customer_id.to_string(),
             PaymentCommand::Deposit {
                 customer_id,
                 amount_cents,
             },
-            raw,
         ))
-    }
-    .await;
-    api.respond::<PaymentAccount>(&parts, result).await
+    })();
+    api.submit::<PaymentAccount>(&parts, &raw, parsed, None)
+        .await
 }
 
-impl CommandApi {
-    /// Submits a parsed command, or answers the parse error.
-    async fn respond<A: CommandStream>(
-        &self,
-        parts: &Parts,
-        parsed: Result<(impl ToString, A::Command, Value), ApiError>,
-    ) -> Response {
-        match parsed {
-            Ok((id, command, raw)) => {
-                self.submit::<A>(parts, id.to_string(), &command, &raw, None)
-                    .await
-            }
-            Err(e) => e.into_response(),
-        }
-    }
+/// A command parsed from a request, or why it could not be.
+type Parsed<C> = Result<(String, C), ApiError>;
 
+impl CommandApi {
     /// Checks the headers, claims the Idempotency-Key, sends the command and answers with
     /// its outcome. `command_id` is given when the aggregate id was derived from it.
     async fn submit<A: CommandStream>(
         &self,
         parts: &Parts,
-        aggregate_id: String,
-        command: &A::Command,
         raw_body: &Value,
+        parsed: Parsed<A::Command>,
         command_id: Option<Uuid>,
     ) -> Response {
         let started = std::time::Instant::now();
-        let command = match serde_json::to_value(command) {
-            Ok(command) => command,
-            Err(e) => return ApiError::internal(e).into_response(),
+        let name = match &parsed {
+            Ok((_, command)) => match serde_json::to_value(command) {
+                Ok(value) => crate::metrics::command_name(&value),
+                Err(e) => return ApiError::internal(e).into_response(),
+            },
+            Err(_) => "invalid".to_string(),
         };
-        let name = crate::metrics::command_name(&command);
         let response = match self
-            .try_submit::<A>(parts, aggregate_id, command, raw_body, command_id)
+            .try_submit::<A>(parts, raw_body, parsed, command_id)
             .await
         {
             Ok(result) => answer(&result),
@@ -446,28 +458,33 @@ impl CommandApi {
     async fn try_submit<A: CommandStream>(
         &self,
         parts: &Parts,
-        mut aggregate_id: String,
-        mut command: Value,
         raw_body: &Value,
+        parsed: Parsed<A::Command>,
         command_id: Option<Uuid>,
     ) -> Result<CommandResult, ApiError> {
         let expected_version = if_match(&parts.headers)?;
         let key = idempotency_key(&parts.headers)?;
+        // Only a rule violation is an answer of its own that a key must remember (API.md):
+        // a malformed or forbidden request leaves the key free for a corrected retry.
+        let parsed = match parsed {
+            Err(e) if e.status != StatusCode::UNPROCESSABLE_ENTITY || key.is_none() => {
+                return Err(e)
+            }
+            other => other,
+        };
         let actor = parts.extensions.get::<Principal>().map(Principal::actor);
+        let principal = actor.clone().unwrap_or_default();
+        // The aggregate id derives from the command id (a creation without an order id).
+        let derived = command_id.is_some();
         let mut command_id = command_id.unwrap_or_else(Uuid::new_v4);
         if let Some(key) = &key {
-            // The caller is part of the request: another caller's key is another request.
             let fingerprint = format!(
-                "{} {} {}{}",
+                "{} {} {}",
                 parts.method,
                 parts.uri.path(),
-                canonical(raw_body),
-                actor
-                    .as_deref()
-                    .map(|a| format!(" {a}"))
-                    .unwrap_or_default()
+                canonical(raw_body)
             );
-            match idempotency::claim(&self.pool, key, &fingerprint)
+            match idempotency::claim(&self.pool, &principal, key, &fingerprint)
                 .await
                 .map_err(ApiError::internal)?
             {
@@ -486,14 +503,34 @@ impl CommandApi {
                     command_id: first, ..
                 }
                 | Claim::New(first) => {
-                    if first != command_id && aggregate_id == OrderId(command_id).to_string() {
-                        // A creation whose order id derives from the command id: keep them in step.
-                        aggregate_id = OrderId(first).to_string();
-                        command["CreateOrder"]["order_id"] = json!(aggregate_id);
-                    }
                     command_id = first;
                 }
             }
+        }
+        let (aggregate_id, command) = match parsed {
+            Ok(parsed) => parsed,
+            Err(rejected) => {
+                // A rule violation found before Kafka: the key's answer all the same.
+                let result = CommandResult {
+                    command_id,
+                    status: rejected.status.as_u16(),
+                    body: rejected.body(),
+                    idempotent: true,
+                };
+                if let Some(key) = &key {
+                    idempotency::settle(&self.pool, &principal, key, &result)
+                        .await
+                        .map_err(ApiError::internal)?;
+                }
+                return Ok(result);
+            }
+        };
+        let mut command = serde_json::to_value(&command).map_err(ApiError::internal)?;
+        let mut aggregate_id = aggregate_id;
+        if derived && aggregate_id != OrderId(command_id).to_string() {
+            // The key's first command id names the order: keep them in step.
+            aggregate_id = OrderId(command_id).to_string();
+            command["CreateOrder"]["order_id"] = json!(aggregate_id);
         }
         let header = |name: &str| {
             parts
@@ -502,10 +539,8 @@ impl CommandApi {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        // Every command gets a trace: the caller's, or a new one.
-        let traceparent = header("traceparent")
-            .filter(|tp| eventlog::trace::trace_id(tp).is_some())
-            .unwrap_or_else(eventlog::trace::new_traceparent);
+        // Every command gets a trace: this request's exported span, the caller's, or new.
+        let traceparent = eventlog::trace::request_traceparent(header("traceparent").as_deref());
         let span = tracing::Span::current();
         span.record("trace_id", eventlog::trace::trace_id(&traceparent));
         span.record("command_id", tracing::field::display(command_id));
@@ -525,6 +560,8 @@ impl CommandApi {
         };
         let result = match self.bus.dispatch(A::STREAM, &envelope).await {
             Ok(result) => result,
+            // The command may or may not have been applied: the key stays bound to this
+            // request and its command id, so a retry gets the first outcome.
             Err(DispatchError::Timeout(after)) => return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "command_timeout",
@@ -534,10 +571,18 @@ impl CommandApi {
                 ),
             )
             .with_details(json!({ "command_id": command_id }))),
-            Err(DispatchError::Kafka(e)) => return Err(ApiError::not_ready(format!("the command log is not reachable ({e}); nothing was applied, retry later"))),
+            Err(DispatchError::Kafka(e)) => {
+                // Never sent: the key is free again.
+                if let Some(key) = &key {
+                    idempotency::release(&self.pool, &principal, key, command_id)
+                        .await
+                        .map_err(ApiError::internal)?;
+                }
+                return Err(ApiError::not_ready(format!("the command log is not reachable ({e}); nothing was applied, retry later")));
+            }
         };
         if let Some(key) = &key {
-            idempotency::record(&self.pool, key, &result)
+            idempotency::settle(&self.pool, &principal, key, &result)
                 .await
                 .map_err(ApiError::internal)?;
         }

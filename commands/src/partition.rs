@@ -372,11 +372,21 @@ impl<A: CommandStream> PartitionWorker<A> {
             };
             let payload = serde_json::to_vec(&result)?;
             let key = result.command_id.to_string();
-            // A remote request waits on the results topic; a keyed outcome is reloaded from
-            // it by the next owner. A direct, unkeyed command needs neither.
-            if p.remote || p.idempotent {
+            // A remote request waits on the results topic.
+            if p.remote {
                 other_sends.push(self.producer.send(
                     &topics.command_results(),
+                    self.partition,
+                    &key,
+                    &payload,
+                    OwnedHeaders::new(),
+                )?);
+            }
+            // A keyed outcome is the record a new owner reloads: the authority for
+            // exactly-once, written in the same transaction as the command's events.
+            if p.idempotent {
+                other_sends.push(self.producer.send(
+                    &topics.command_outcomes(),
                     self.partition,
                     &key,
                     &payload,
@@ -583,23 +593,33 @@ impl<A: CommandStream> PartitionWorker<A> {
 /// Outcomes of keyed commands written to this partition within the dedup window, so that
 /// a retry reaching a new owner is answered, not applied again.
 async fn recent_outcomes(shared: &Shared, partition: i32) -> anyhow::Result<Seen> {
-    let topic = shared.topics.command_results();
     let since = Utc::now() - chrono::Duration::from_std(shared.dedup_window).unwrap_or_default();
-    let from = offset_for_time(&shared.kafka, &topic, partition, since.timestamp_millis()).await?;
     let mut seen = Seen::default();
-    read_partition(&shared.kafka, &topic, partition, from, |message| {
-        if let Some(Ok(result)) = message
-            .payload()
-            .map(serde_json::from_slice::<CommandResult>)
-        {
-            if result.idempotent {
-                seen.insert(result, shared.dedup_window);
+    let outcomes = shared.topics.command_outcomes();
+    let (_, end) = eventlog::watermarks(&shared.kafka, &outcomes, partition).await?;
+    // Before `command-outcomes` existed, keyed outcomes were written only to the results
+    // topic: a partition that has no outcome yet (a log upgraded from then) reads those.
+    let mut sources = vec![outcomes];
+    if end == 0 {
+        sources.push(shared.topics.command_results());
+    }
+    for topic in sources {
+        let from =
+            offset_for_time(&shared.kafka, &topic, partition, since.timestamp_millis()).await?;
+        read_partition(&shared.kafka, &topic, partition, from, |message| {
+            if let Some(Ok(result)) = message
+                .payload()
+                .map(serde_json::from_slice::<CommandResult>)
+            {
+                if result.idempotent {
+                    seen.insert(result, shared.dedup_window);
+                }
             }
-        }
-        Ok(())
-    })
-    .await
-    .with_context(|| format!("reloading recent outcomes from {topic}/{partition}"))?;
+            Ok(())
+        })
+        .await
+        .with_context(|| format!("reloading recent outcomes from {topic}/{partition}"))?;
+    }
     Ok(seen)
 }
 

@@ -51,7 +51,10 @@ pub struct EventEnvelope {
     /// 1-based version of the aggregate after this event.
     pub sequence: u64,
     pub event_type: String,
-    pub event_version: String,
+    /// The version of the event's shape: an integer (written so since 0.1's trust
+    /// fixes; older records hold it as a string such as `"1"`, read all the same).
+    #[serde(deserialize_with = "version::integer_or_string")]
+    pub event_version: u32,
     #[serde(with = "rfc3339")]
     pub occurred_at: DateTime<Utc>,
     /// The event's own fields, without the type tag (that is `event_type`).
@@ -83,7 +86,8 @@ impl EventEnvelope {
             aggregate_id: aggregate_id.to_string(),
             sequence,
             event_type,
-            event_version: event.event_version(),
+            // cqrs-es hands versions out as text; ours are whole numbers from 1.
+            event_version: event.event_version().parse().unwrap_or(1),
             occurred_at,
             payload,
             metadata,
@@ -102,7 +106,10 @@ impl EventEnvelope {
         let mut h = OwnedHeaders::new_with_capacity(5)
             .insert(header(headers::AGGREGATE_TYPE, &self.aggregate_type))
             .insert(header(headers::EVENT_TYPE, &self.event_type))
-            .insert(header(headers::EVENT_VERSION, &self.event_version));
+            .insert(header(
+                headers::EVENT_VERSION,
+                &self.event_version.to_string(),
+            ));
         if let Some(id) = &self.metadata.correlation_id {
             h = h.insert(header(headers::CORRELATION_ID, id));
         }
@@ -110,6 +117,27 @@ impl EventEnvelope {
             h = h.insert(header(headers::TRACEPARENT, tp));
         }
         h
+    }
+}
+
+mod version {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Integer(u32),
+        Text(String),
+    }
+
+    /// `1` or `"1"`: the log holds both forms.
+    pub fn integer_or_string<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        match Written::deserialize(d)? {
+            Written::Integer(n) => Ok(n),
+            Written::Text(s) => s.trim().parse().map_err(|_| {
+                serde::de::Error::custom(format!("event_version {s:?} is not a whole number"))
+            }),
+        }
     }
 }
 
@@ -161,7 +189,7 @@ mod tests {
         let env = EventEnvelope::wrap::<Order>("o-1", 3, &event, meta, at()).unwrap();
         assert_eq!(env.aggregate_type, "order");
         assert_eq!(env.event_type, "OrderRejected");
-        assert_eq!(env.event_version, "1");
+        assert_eq!(env.event_version, 1);
         assert_eq!(env.payload, serde_json::json!({ "reason": "timeout" }));
 
         let json = serde_json::to_string(&env).unwrap();
@@ -169,8 +197,15 @@ mod tests {
             json.contains("\"occurred_at\":\"2026-01-02T03:04:05.000000Z\""),
             "{json}"
         );
+        assert!(json.contains("\"event_version\":1,"), "an integer: {json}");
         let back: EventEnvelope = serde_json::from_str(&json).unwrap();
         assert_eq!(back, env);
+        // Records written before versions were integers still read.
+        let old = json.replace("\"event_version\":1,", "\"event_version\":\"1\",");
+        let back: EventEnvelope = serde_json::from_str(&old).unwrap();
+        assert_eq!(back, env);
+        let bad = json.replace("\"event_version\":1,", "\"event_version\":\"v1\",");
+        assert!(serde_json::from_str::<EventEnvelope>(&bad).is_err());
         assert_eq!(back.decode::<OrderEvent>().unwrap(), event);
     }
 

@@ -28,7 +28,7 @@ pub use envelope::{dead_letter_headers, headers, EventEnvelope, EventMetadata};
 pub use partitioner::{murmur2, partition_for};
 pub use reader::{consumer_lags, offset_for_time, read_partition, watermarks};
 pub use token::{ConsistencyToken, Position};
-pub use topics::{check_connection, ensure_topics, TopicSpec, Topics};
+pub use topics::{check_connection, ensure_topics, TopicSpec, Topics, OUTCOMES_RETENTION};
 pub use txn::{classify, Delivery, Landed, TxnErrorKind, TxnProducer};
 pub use wire::{CommandEnvelope, CommandResult, ReplyTo};
 

@@ -13,6 +13,8 @@ use crate::KafkaConfig;
 
 const FOREVER: &str = "-1";
 const WEEK_MS: &str = "604800000";
+/// How long the keyed outcomes stay on `command-outcomes`; the longest dedup window.
+pub const OUTCOMES_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 const DAY_MS: &str = "86400000";
 
 /// The names of every topic, from the configured prefix.
@@ -44,6 +46,13 @@ impl Topics {
         format!("{}.command-results", self.prefix)
     }
 
+    /// Outcomes of commands sent with an Idempotency-Key, keyed by command id and
+    /// co-partitioned with the command topics: the record a new owner of a partition
+    /// reloads, so a retry within the dedup window is answered, never applied again.
+    pub fn command_outcomes(&self) -> String {
+        format!("{}.command-outcomes", self.prefix)
+    }
+
     /// The order-fulfilment saga's own events, keyed by order id.
     pub fn saga_events(&self) -> String {
         format!("{}.saga.order-fulfilment.events", self.prefix)
@@ -68,6 +77,8 @@ impl Topics {
             specs.push(TopicSpec::new(self.commands(stream), p, WEEK_MS));
         }
         specs.push(TopicSpec::new(self.command_results(), p, DAY_MS));
+        // Longer than any dedup window Tally accepts (--dedup-window-secs).
+        specs.push(TopicSpec::new(self.command_outcomes(), p, WEEK_MS));
         specs.push(TopicSpec::new(self.saga_events(), p, FOREVER));
         specs.push(TopicSpec::new(self.saga_inbox(), p, WEEK_MS));
         specs.push(TopicSpec::new(self.dead_letters(), 1, FOREVER));

@@ -91,7 +91,8 @@ pub struct EnvelopeView {
     pub aggregate_id: String,
     pub sequence: u64,
     pub event_type: String,
-    pub event_version: String,
+    #[schema(minimum = 1)]
+    pub event_version: u32,
     pub occurred_at: String,
     #[schema(value_type = Object)]
     pub payload: Value,

@@ -13,36 +13,83 @@ use tally::config::{Cli, Command, CommonArgs, RunArgs};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// A fresh topic prefix: tests never see each other's records.
+/// A fresh topic prefix: tests never see each other's records. It carries its creation
+/// time, so that a later run can tell (and drop) the databases of runs long finished.
 pub fn new_prefix() -> String {
-    format!("test-{}", uuid::Uuid::new_v4().simple())
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_secs();
+    format!("test-{now}-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// Test databases older than this are left over from finished runs.
+const STALE_DATABASE_SECS: u64 = 3 * 3600;
+
 /// A database of its own for `prefix` (created on first use), so read models of tests
-/// never meet; answers its URL.
+/// never meet; answers its URL. Safe when tests of one or several runs create databases
+/// at once; the first call of a run drops the databases of runs finished long ago.
 pub async fn database_for(prefix: &str) -> String {
     use sqlx::Connection;
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     let base = std::env::var("DATABASE_URL")
         .expect("DATABASE_URL must point at a running PostgreSQL (scripts/test sets it)");
     let name = format!("t_{}", prefix.replace('-', "_"));
     let mut admin = sqlx::PgConnection::connect(&base)
         .await
         .expect("connecting to DATABASE_URL");
-    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
-        .bind(&name)
-        .fetch_optional(&mut admin)
+    SWEPT.get_or_init(|| drop_stale_databases(&base)).await;
+    // No check-then-create: two tests (or runs) may create the same name at once, and
+    // losing that race is as good as winning it.
+    if let Err(e) = sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut admin)
         .await
-        .unwrap();
-    if exists.is_none() {
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut admin)
-            .await
-            .unwrap();
+    {
+        let code = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .map(|c| c.into_owned());
+        // 42P04 duplicate_database; 23505 when the catalog's unique index sees the race.
+        assert!(
+            matches!(code.as_deref(), Some("42P04") | Some("23505")),
+            "creating test database {name}: {e}"
+        );
     }
     let (server, _) = base
         .rsplit_once('/')
         .expect("DATABASE_URL ends in /<database>");
     format!("{server}/{name}")
+}
+
+/// Drops the test databases whose prefix says they are older than
+/// [`STALE_DATABASE_SECS`] (or that predate timestamped prefixes), so a developer's disk
+/// does not fill up run after run. Runs going on at the same time are younger and kept.
+async fn drop_stale_databases(base: &str) {
+    use sqlx::Connection;
+    let Ok(mut admin) = sqlx::PgConnection::connect(base).await else {
+        return;
+    };
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 't\\_%'")
+            .fetch_all(&mut admin)
+            .await
+            .unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    for name in names {
+        let born = name
+            .strip_prefix("t_test_")
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|secs| secs.parse::<u64>().ok());
+        if born.is_some_and(|at| at + STALE_DATABASE_SECS > now) {
+            continue;
+        }
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&mut admin)
+            .await;
+    }
 }
 
 /// Settings from the environment scripts/test exports, for `prefix`, with a database of
@@ -168,6 +215,47 @@ impl TestApp {
         let response = request.send().await.unwrap();
         let status = response.status();
         (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POSTs a command that must succeed (2xx), and answers its body.
+    pub async fn command_ok(&self, path: &str, body: Value, headers: &[(&str, &str)]) -> Value {
+        let (status, answer) = self.post(path, body, headers).await;
+        assert!(status.is_success(), "POST {path}: {status} {answer}");
+        answer
+    }
+
+    /// Creates a draft order of `customer` with `lines` (sku, quantity, unit price);
+    /// answers its id.
+    pub async fn create_order(
+        &self,
+        customer: &str,
+        lines: &[(&str, i64, i64)],
+        headers: &[(&str, &str)],
+    ) -> String {
+        let created = self
+            .command_ok("/v1/orders", order_body(customer, lines), headers)
+            .await;
+        created["aggregate_id"]
+            .as_str()
+            .expect("a created order names its id")
+            .to_string()
+    }
+
+    /// Restocks `quantity` units of `sku`.
+    pub async fn restock(&self, sku: &str, quantity: i64, headers: &[(&str, &str)]) {
+        self.command_ok(
+            &format!("/v1/inventory/{sku}/restock"),
+            serde_json::json!({ "quantity": quantity }),
+            headers,
+        )
+        .await;
+    }
+
+    /// GETs `path`, which must answer 200; answers its body.
+    pub async fn get_ok(&self, path: &str, headers: &[(&str, &str)]) -> Value {
+        let (status, _, body) = self.get(path, headers).await;
+        assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
+        body
     }
 
     /// Stops the app gracefully and waits for it.

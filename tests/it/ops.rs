@@ -1,6 +1,6 @@
 //! The whole app in-process on port 0, against the real Kafka and PostgreSQL.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 
@@ -15,7 +15,7 @@ async fn common_args() -> CommonArgs {
 async fn start(state: tally::AppState) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let run = common::args("unused", 2, "api", &[]).await.1;
+    let run = common::args(&common::new_prefix(), 2, "api", &[]).await.1;
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(tally::run(Some(listener), state, run, shutdown));
     addr

@@ -1,15 +1,13 @@
 //! A projector process killed with SIGKILL again and again while events arrive: once it
 //! has caught up, every read model equals a fold of the log — nothing lost, nothing doubled.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::{database_for, events, new_prefix, order_body, TestApp};
 use aggregates::{Inventory, Order};
-use common::{database_for, events, new_prefix, order_body, TestApp};
 use cqrs_es::Aggregate;
 use serde_json::json;
 

@@ -3,15 +3,13 @@
 //! restart carries on — sagas of orders placed before the signal included — with no
 //! duplicate.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{database_for, events, new_prefix, order_body, TallyProcess};
+use crate::common::{database_for, events, new_prefix, order_body, TallyProcess};
 use eventlog::KafkaConfig;
 use serde_json::json;
 

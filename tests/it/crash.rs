@@ -2,15 +2,13 @@
 //! between them), then the first is killed with SIGKILL. Every command that got a 2xx is
 //! in the log exactly once, none is in it twice, and every aggregate's sequence stays 1..n.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{events, new_prefix, order_body, TestApp};
+use crate::common::{events, new_prefix, order_body, TestApp};
 use serde_json::json;
 
 const PARTITIONS: u32 = 4;

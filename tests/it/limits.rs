@@ -1,11 +1,9 @@
 //! Rate limits and header limits: a burst past the limit gets 429 with Retry-After in the
 //! error shape, probes are never limited, and the client recovers after the wait.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{new_prefix, TestApp};
+use crate::common::{new_prefix, TestApp};
 use reqwest::StatusCode;
 use serde_json::Value;
 

@@ -2,11 +2,9 @@
 //! the JSON log lines of the HTTP request, the command processor, the saga's steps and
 //! the projectors, with the correlation id beside it.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{new_prefix, order_body, TallyProcess};
+use crate::common::{new_prefix, order_body, TallyProcess};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,6 @@
 //! The write side end to end: HTTP commands, processors, real Kafka.
 
-mod common;
-
-use common::{events, events_of, new_prefix, order_body, TestApp};
+use crate::common::{events, events_of, new_prefix, order_body, TestApp};
 use futures::future::join_all;
 use serde_json::{json, Value};
 

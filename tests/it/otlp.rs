@@ -3,14 +3,14 @@
 //! client sent in `traceparent`. The collector here is a stand-in that records what it
 //! is sent.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::{new_prefix, order_body, TallyProcess};
 use axum::body::Bytes;
 use axum::routing::post;
-use common::{new_prefix, order_body, TallyProcess};
 use serde_json::json;
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -86,6 +86,49 @@ async fn spans_are_exported_over_otlp_in_the_callers_trace() {
             Instant::now() < deadline,
             "no exported span in trace {trace} from both the HTTP request and the saga ({} export requests received)",
             bodies.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Without a traceparent from the caller, the command takes the exported HTTP span's
+    // trace: its events (and so the saga's spans) are in the trace the collector got.
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut body = order_body("otlp", &[("O1", 1, 100)]);
+    body["order_id"] = json!(id);
+    let status = http
+        .post(format!("{base}/v1/orders"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(status.is_success());
+    let kafka = eventlog::KafkaConfig {
+        brokers: std::env::var("TALLY_KAFKA_BROKERS").unwrap(),
+        topic_prefix: prefix.clone(),
+        // TallyProcess starts with two partitions.
+        partitions: 2,
+        replication_factor: 1,
+        properties: Vec::new(),
+    };
+    let created = common::events_of(&kafka, "order", &id).await;
+    let traceparent = created[0]
+        .metadata
+        .traceparent
+        .clone()
+        .expect("a traceparent");
+    let trace_id = eventlog::trace::trace_id(&traceparent).unwrap().to_string();
+    let trace = uuid::Uuid::parse_str(&trace_id).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !received
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|b| contains(b, trace.as_bytes()) && contains(b, b"http"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the command's trace {trace_id} is not the exported HTTP span's"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -5,13 +5,11 @@
 //! the end every saga completed, with one reservation and one charge per order, and stock
 //! and money add up.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{events, new_prefix, order_body, TestApp};
+use crate::common::{events, new_prefix, order_body, TestApp};
 use serde_json::{json, Value};
 
 const PARTITIONS: u32 = 2;

@@ -2,11 +2,9 @@
 //! short stock on one line of several, a declined charge, cancelling a confirmed order,
 //! a deadline passing while the payment processor is down, and a race for the last units.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{events, new_prefix, order_body, TestApp};
+use crate::common::{events, new_prefix, order_body, TestApp};
 use serde_json::{json, Value};
 
 const SETTLE: Duration = Duration::from_secs(60);

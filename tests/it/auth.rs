@@ -2,11 +2,9 @@
 //! 401, another customer's order or account is 403 (on the write side too, however new
 //! the order), the admin routes need role admin; HS256 and RS256 keys both work.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{events_of, new_prefix, order_body, TestApp};
+use crate::common::{events_of, new_prefix, order_body, TestApp};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{json, Value};

@@ -1,12 +1,12 @@
 //! The read side end to end: projections into real PostgreSQL, queries, read-your-writes,
 //! history, time travel, pagination, poison records, replay.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{events, new_prefix, order_body, TestApp};
+use crate::common::{events, new_prefix, order_body, TestApp};
 use serde_json::{json, Value};
 
 fn new_order(customer: &str) -> (String, Value) {

@@ -1,0 +1,19 @@
+//! Tally's end-to-end tests, in ONE binary so the app links once (STYLE.md): every
+//! module runs against the real Kafka and PostgreSQL that `scripts/test` starts.
+
+mod auth;
+mod command_routes;
+mod common;
+mod crash;
+mod event_schemas;
+mod limits;
+mod openapi;
+mod ops;
+mod otlp;
+mod projector_crash;
+mod queries;
+mod saga_crash;
+mod saga_flow;
+mod shutdown;
+mod trace_logs;
+mod trust;
