@@ -141,13 +141,27 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| unauthorized(format!("the bearer token was refused: {e}")))?;
         let claims = data.claims;
+        // The principal is written into every event's metadata and keys idempotency:
+        // no control characters in it, and a customer's id is a valid customer id.
+        if claims.sub.is_empty()
+            || claims.sub.len() > 256
+            || claims.sub.chars().any(char::is_control)
+        {
+            return Err(unauthorized(
+                "the token's sub must be 1 to 256 characters without control characters",
+            ));
+        }
         match claims.role.as_str() {
             "admin" => Ok(Principal::Admin {
                 subject: claims.sub,
             }),
-            "customer" => Ok(Principal::Customer {
-                customer_id: claims.customer_id.unwrap_or(claims.sub),
-            }),
+            "customer" => {
+                let customer_id = claims.customer_id.unwrap_or(claims.sub);
+                aggregates::CustomerId::new(customer_id.as_str()).map_err(|_| {
+                    unauthorized("a customer token's customer_id (or sub) must be a customer id: 1 to 64 of [A-Za-z0-9._-]")
+                })?;
+                Ok(Principal::Customer { customer_id })
+            }
             other => Err(forbidden(format!(
                 "the token's role {other:?} is neither admin nor customer"
             ))),

@@ -7,7 +7,8 @@
 //!   address its `X-Forwarded-For` names (the right-most one that is not itself a
 //!   trusted proxy); from anyone else the header is ignored, so it cannot be forged;
 //! - per principal, AFTER authentication, when it is on ([`limit_by_principal`]), so one
-//!   customer cannot use up a shared address's allowance or escape its own by moving.
+//!   customer cannot escape its allowance by moving from address to address. (Clients
+//!   behind one NAT still share that address's bucket: size the limits for it.)
 //!
 //! The defaults are far above one client's ordinary use; a client past them gets
 //! `429 rate_limited` with `Retry-After` (seconds) and `details.retry_after_ms`.
@@ -107,7 +108,13 @@ pub async fn limit_by_address(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
     let client = peer
-        .map(|peer| client_address(peer, request.headers(), &limits.trusted_proxies).to_string())
+        .map(|peer| {
+            bucket_of(client_address(
+                peer,
+                request.headers(),
+                &limits.trusted_proxies,
+            ))
+        })
         .unwrap_or_default();
     match limits.by_address.check(&format!("addr:{client}")) {
         Ok(()) => next.run(request).await,
@@ -137,6 +144,8 @@ pub async fn limit_by_principal(
 /// The client's address: the peer, or — when the peer is a trusted proxy — the right-most
 /// `X-Forwarded-For` address that is not a trusted proxy itself.
 pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    // `::ffff:10.0.0.1` from a dual-stack listener is 10.0.0.1.
+    let peer = peer.to_canonical();
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
         return peer;
@@ -149,7 +158,7 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
         .flat_map(|v| v.split(','))
         .collect::<Vec<_>>();
     for hop in forwarded.into_iter().rev() {
-        match hop.trim().parse::<IpAddr>() {
+        match hop.trim().parse::<IpAddr>().map(|ip| ip.to_canonical()) {
             Ok(ip) if is_trusted(&ip) => client = ip,
             Ok(ip) => return ip,
             // A hop we cannot read: the last address we could is the best we know.
@@ -157,6 +166,19 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
         }
     }
     client
+}
+
+/// The bucket of an address: IPv4 addresses one by one, IPv6 by /64 (one end site holds a
+/// whole /64, so single addresses would hand it a fresh bucket per request).
+fn bucket_of(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let net = ipnet::Ipv6Net::new(v6, 64).map(|n| n.trunc());
+            net.map(|n| n.to_string())
+                .unwrap_or_else(|_| v6.to_string())
+        }
+    }
 }
 
 fn too_many(wait: Duration) -> Response {
@@ -220,6 +242,22 @@ mod tests {
         assert_eq!(client_address(stranger, &headers, &trusted), stranger);
         assert_eq!(client_address(proxy, &headers, &[]), proxy);
         assert_eq!(client_address(proxy, &HeaderMap::new(), &trusted), proxy);
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(
+            client_address(mapped, &headers, &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap(),
+            "a v4-mapped peer is its IPv4 address"
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_share_a_bucket_per_64() {
+        let a = bucket_of("2001:db8:1:2::1".parse().unwrap());
+        let b = bucket_of("2001:db8:1:2:ffff::9".parse().unwrap());
+        let c = bucket_of("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(bucket_of("192.0.2.7".parse().unwrap()), "192.0.2.7");
     }
 
     #[test]

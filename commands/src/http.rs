@@ -478,12 +478,7 @@ impl CommandApi {
         let derived = command_id.is_some();
         let mut command_id = command_id.unwrap_or_else(Uuid::new_v4);
         if let Some(key) = &key {
-            let fingerprint = format!(
-                "{} {} {}",
-                parts.method,
-                parts.uri.path(),
-                canonical(raw_body)
-            );
+            let fingerprint = fingerprint(parts, raw_body);
             match idempotency::claim(&self.pool, &principal, key, &fingerprint)
                 .await
                 .map_err(ApiError::internal)?
@@ -517,8 +512,8 @@ impl CommandApi {
                     body: rejected.body(),
                     idempotent: true,
                 };
-                if let Some(key) = &key {
-                    idempotency::settle(&self.pool, &principal, key, &result)
+                if key.is_some() {
+                    idempotency::settle(&self.pool, &result)
                         .await
                         .map_err(ApiError::internal)?;
                 }
@@ -571,18 +566,16 @@ impl CommandApi {
                 ),
             )
             .with_details(json!({ "command_id": command_id }))),
-            Err(DispatchError::Kafka(e)) => {
-                // Never sent: the key is free again.
-                if let Some(key) = &key {
-                    idempotency::release(&self.pool, &principal, key, command_id)
-                        .await
-                        .map_err(ApiError::internal)?;
-                }
-                return Err(ApiError::not_ready(format!("the command log is not reachable ({e}); nothing was applied, retry later")));
-            }
+            // A failed delivery may still have reached the log, and another request with
+            // the same key may carry the same command id: the key stays bound, and a
+            // retry of this request gets the first outcome.
+            Err(DispatchError::Kafka(e)) => return Err(ApiError::not_ready(format!(
+                "the command log did not take the command ({e}); retry later (with the same \
+                 Idempotency-Key, a retry is safe)"
+            ))),
         };
-        if let Some(key) = &key {
-            idempotency::settle(&self.pool, &principal, key, &result)
+        if key.is_some() {
+            idempotency::settle(&self.pool, &result)
                 .await
                 .map_err(ApiError::internal)?;
         }
@@ -624,6 +617,44 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         ));
     }
     Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// What makes two keyed requests the same request: method, path (percent-decoded), the
+/// `If-Match` precondition and the body (canonical JSON). Without `If-Match` it is the
+/// form keys were stored under before, so retries across an upgrade still match.
+fn fingerprint(parts: &Parts, raw_body: &Value) -> String {
+    let mut fingerprint = format!(
+        "{} {} {}",
+        parts.method,
+        percent_decoded(parts.uri.path()),
+        canonical(raw_body)
+    );
+    if let Some(version) = parts.headers.get("if-match") {
+        let version = String::from_utf8_lossy(version.as_bytes());
+        fingerprint.push_str(&format!(" if-match={version}"));
+    }
+    fingerprint
+}
+
+/// `%XX` escapes of a path decoded (as the router and the path extractor decode them).
+fn percent_decoded(path: &str) -> String {
+    let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16)).map(|d| d as u8);
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+            (b'%', Some(high), Some(low)) => {
+                out.push(high << 4 | low);
+                i += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// JSON with object keys sorted at every level, so equal bodies compare equal.
@@ -677,6 +708,16 @@ mod tests {
         assert!(idempotency_key(&headers("idempotency-key", "")).is_err());
         assert!(idempotency_key(&headers("idempotency-key", &"x".repeat(129))).is_err());
         assert!(idempotency_key(&headers("idempotency-key", &"x".repeat(128))).is_ok());
+    }
+
+    #[test]
+    fn paths_are_compared_decoded() {
+        assert_eq!(
+            percent_decoded("/v1/accounts/%61lice/deposits"),
+            "/v1/accounts/alice/deposits"
+        );
+        assert_eq!(percent_decoded("/a%2"), "/a%2");
+        assert_eq!(percent_decoded("/a%zz"), "/a%zz");
     }
 
     #[test]

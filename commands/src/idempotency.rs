@@ -3,8 +3,9 @@
 //!
 //! Keys are per principal (with authentication on), so one customer can neither probe nor
 //! squat another's keys; without authentication every caller is the same principal `""`.
-//! Only a command's own outcome uses up a key ([`uses_up_key`]); any other answer
-//! releases the claim, so a corrected retry may use the key again.
+//! Only a command's own outcome uses up a key ([`uses_up_key`]); an answer that says
+//! the command was not applied releases the claim, so a corrected retry may use the key
+//! again. A `503` never does: the command may have reached the log.
 //!
 //! The HTTP key is the convenience; the processor's record of command ids and outcomes is
 //! the authority for exactly-once, and it outlives the key (see `--dedup-window-secs`):
@@ -34,10 +35,23 @@ pub enum Claim {
 }
 
 /// Does an answer with this status use up its key? Only the command's own outcome does
-/// (API.md): `2xx`, `409`, `422`. A `400`, `401`, `403`, `404`, `408`, `413`, `415`,
-/// `429` or `503` leaves the key free for a corrected retry.
+/// (API.md): `2xx`, `409`, `422`. A processor's `400`, `403`, `404` or `408` (a
+/// refusal that applied nothing) leaves the key free for a corrected retry.
 pub fn uses_up_key(status: u16) -> bool {
     (200..300).contains(&status) || status == 409 || status == 422
+}
+
+/// Where `principal`'s `key` is stored. Without a principal (authentication off) it is
+/// the key itself, as it always was; with one, the principal and the key joined by a
+/// character no key may contain (keys are printable ASCII). The table and its primary
+/// key are unchanged, so processes of the previous version keep working during a rolling
+/// upgrade.
+fn scoped(principal: &str, key: &str) -> String {
+    if principal.is_empty() {
+        key.to_string()
+    } else {
+        format!("{principal}\u{1f}{key}")
+    }
 }
 
 /// Claims `principal`'s `key` for the request whose fingerprint is `fingerprint`.
@@ -47,26 +61,31 @@ pub async fn claim(
     key: &str,
     fingerprint: &str,
 ) -> sqlx::Result<Claim> {
+    let stored_key = scoped(principal, key);
     let fresh = Uuid::new_v4();
     let inserted: Option<Uuid> = sqlx::query_scalar(
-        "INSERT INTO idempotency_keys (principal, key, fingerprint, command_id) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (principal, key) DO NOTHING RETURNING command_id",
+        "INSERT INTO idempotency_keys (key, fingerprint, command_id) VALUES ($1, $2, $3)
+         ON CONFLICT (key) DO NOTHING RETURNING command_id",
     )
-    .bind(principal)
-    .bind(key)
+    .bind(&stored_key)
     .bind(fingerprint)
     .bind(fresh)
     .fetch_optional(pool)
     .await?;
-    if let Some(id) = inserted {
-        return Ok(Claim::New(id));
+    if inserted.is_some() {
+        return match legacy(pool, principal, key, fingerprint).await? {
+            Some(first) => {
+                // The same request, keyed before keys were per principal: its answer.
+                release(pool, fresh).await?;
+                Ok(first)
+            }
+            None => Ok(Claim::New(fresh)),
+        };
     }
     let stored: Option<(String, Uuid, Option<i16>, Option<Value>)> = sqlx::query_as(
-        "SELECT fingerprint, command_id, status, body FROM idempotency_keys
-         WHERE principal = $1 AND key = $2",
+        "SELECT fingerprint, command_id, status, body FROM idempotency_keys WHERE key = $1",
     )
-    .bind(principal)
-    .bind(key)
+    .bind(&stored_key)
     .fetch_optional(pool)
     .await?;
     let Some((stored, command_id, status, body)) = stored else {
@@ -76,6 +95,10 @@ pub async fn claim(
     if stored != fingerprint {
         return Ok(Claim::Reused);
     }
+    Ok(repeat(command_id, status, body))
+}
+
+fn repeat(command_id: Uuid, status: Option<i16>, body: Option<Value>) -> Claim {
     let answer = match (status, body) {
         (Some(status), Some(body)) => Some(CommandResult {
             command_id,
@@ -85,59 +108,56 @@ pub async fn claim(
         }),
         _ => None,
     };
-    Ok(Claim::Repeat { command_id, answer })
+    Claim::Repeat { command_id, answer }
 }
 
-/// Settles the key's first answer: stores it when it [`uses_up_key`], else releases the
-/// claim (only if it is still this command's and still unanswered).
-pub async fn settle(
+/// The same request under the same key from before keys were per principal (stored
+/// unscoped, its fingerprint ending in the caller): a retry across the upgrade gets
+/// the first command id and answer, not a second application.
+async fn legacy(
     pool: &PgPool,
     principal: &str,
     key: &str,
-    result: &CommandResult,
-) -> sqlx::Result<()> {
-    let query = if uses_up_key(result.status) {
-        sqlx::query(
-            "UPDATE idempotency_keys SET status = $4, body = $5
-             WHERE principal = $1 AND key = $2 AND command_id = $3 AND status IS NULL",
-        )
-        .bind(principal)
-        .bind(key)
-        .bind(result.command_id)
-        .bind(result.status as i16)
-        .bind(&result.body)
-    } else {
-        release_query(principal, key, result.command_id)
-    };
-    query.execute(pool).await?;
+    fingerprint: &str,
+) -> sqlx::Result<Option<Claim>> {
+    if principal.is_empty() {
+        return Ok(None);
+    }
+    let found: Option<(Uuid, Option<i16>, Option<Value>)> = sqlx::query_as(
+        "SELECT command_id, status, body FROM idempotency_keys WHERE key = $1 AND fingerprint = $2",
+    )
+    .bind(key)
+    .bind(format!("{fingerprint} {principal}"))
+    .fetch_optional(pool)
+    .await?;
+    Ok(found.map(|(command_id, status, body)| repeat(command_id, status, body)))
+}
+
+/// Settles the first answer to the key that holds `result.command_id`: stores it when
+/// it [`uses_up_key`], else releases the claim (only while it is still unanswered).
+pub async fn settle(pool: &PgPool, result: &CommandResult) -> sqlx::Result<()> {
+    if !uses_up_key(result.status) {
+        return release(pool, result.command_id).await;
+    }
+    sqlx::query(
+        "UPDATE idempotency_keys SET status = $2, body = $3
+         WHERE command_id = $1 AND status IS NULL",
+    )
+    .bind(result.command_id)
+    .bind(result.status as i16)
+    .bind(&result.body)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
-/// Frees a claim that got no answer of its own (the command was never sent).
-pub async fn release(
-    pool: &PgPool,
-    principal: &str,
-    key: &str,
-    command_id: Uuid,
-) -> sqlx::Result<()> {
-    release_query(principal, key, command_id)
+/// Frees the claim of `command_id`, which got no answer of its own.
+pub async fn release(pool: &PgPool, command_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM idempotency_keys WHERE command_id = $1 AND status IS NULL")
+        .bind(command_id)
         .execute(pool)
         .await?;
     Ok(())
-}
-
-fn release_query<'q>(
-    principal: &'q str,
-    key: &'q str,
-    command_id: Uuid,
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    sqlx::query(
-        "DELETE FROM idempotency_keys
-         WHERE principal = $1 AND key = $2 AND command_id = $3 AND status IS NULL",
-    )
-    .bind(principal)
-    .bind(key)
-    .bind(command_id)
 }
 
 /// Deletes keys older than `hours` (API.md keeps them at least 24 hours).

@@ -41,24 +41,44 @@ struct Slot<A> {
     version: u64,
 }
 
-/// Outcomes of commands sent with an Idempotency-Key, kept for the dedup window.
+/// How long a saga's commands are remembered. A saga's step commits its commands with
+/// its own state, so it resends one only in the moments around a crash; its ids are
+/// deterministic, and this catches those resends.
+const SAGA_DEDUP_WINDOW: Duration = Duration::from_secs(900);
+
+/// Outcomes of commands sent with an Idempotency-Key: those keyed over HTTP for the dedup
+/// window (`--dedup-window-secs`), the saga's for [`SAGA_DEDUP_WINDOW`].
 #[derive(Default)]
 struct Seen {
     results: HashMap<Uuid, CommandResult>,
-    order: VecDeque<(Instant, Uuid)>,
+    /// Insertion order per window, oldest first: (when, command id).
+    long: VecDeque<(Instant, Uuid)>,
+    short: VecDeque<(Instant, Uuid)>,
 }
 
 impl Seen {
-    fn insert(&mut self, result: CommandResult, window: Duration) {
+    /// Remembers `result` for `window` (the long one when `keyed_over_http`, else the
+    /// saga's), forgetting what has outlived its window.
+    fn insert(&mut self, result: CommandResult, keyed_over_http: bool, window: Duration) {
         let now = Instant::now();
-        while let Some((at, id)) = self.order.front() {
-            if now.duration_since(*at) < window {
-                break;
+        for (order, window) in [
+            (&mut self.long, window),
+            (&mut self.short, SAGA_DEDUP_WINDOW),
+        ] {
+            while let Some((at, id)) = order.front() {
+                if now.duration_since(*at) < window {
+                    break;
+                }
+                self.results.remove(id);
+                order.pop_front();
             }
-            self.results.remove(id);
-            self.order.pop_front();
         }
-        self.order.push_back((now, result.command_id));
+        let order = if keyed_over_http {
+            &mut self.long
+        } else {
+            &mut self.short
+        };
+        order.push_back((now, result.command_id));
         self.results.insert(result.command_id, result);
     }
 }
@@ -153,7 +173,7 @@ impl<A: CommandStream> PartitionWorker<A> {
         let txn_id = format!("{}-{}-p{partition}", shared.kafka.topic_prefix, A::STREAM);
         let producer = TxnProducer::new(&shared.kafka, &txn_id).await?;
         let aggregates = rebuild::<A>(&shared, partition).await?;
-        let seen = recent_outcomes(&shared, partition).await?;
+        let seen = recent_outcomes::<A>(&shared, partition).await?;
         info!(
             stream = A::STREAM,
             partition,
@@ -241,10 +261,11 @@ impl<A: CommandStream> PartitionWorker<A> {
             match self.transact(batch).await {
                 Ok((staged, results, decided, events)) => {
                     self.aggregates.extend(staged);
-                    for (result, idempotent) in results {
+                    for (result, idempotent, keyed_over_http) in results {
                         self.shared.local.complete(&result);
                         if idempotent {
-                            self.seen.insert(result, self.shared.dedup_window);
+                            self.seen
+                                .insert(result, keyed_over_http, self.shared.dedup_window);
                         }
                     }
                     self.shared
@@ -293,7 +314,7 @@ impl<A: CommandStream> PartitionWorker<A> {
         batch: &[Work],
     ) -> anyhow::Result<(
         HashMap<String, Slot<A>>,
-        Vec<(CommandResult, bool)>,
+        Vec<(CommandResult, bool, bool)>,
         Vec<(String, u16)>,
         usize,
     )> {
@@ -384,9 +405,10 @@ impl<A: CommandStream> PartitionWorker<A> {
             }
             // A keyed outcome is the record a new owner reloads: the authority for
             // exactly-once, written in the same transaction as the command's events.
-            if p.idempotent {
+            let keyed_over_http = p.idempotent && p.reply_to.is_none();
+            if keyed_over_http {
                 other_sends.push(self.producer.send(
-                    &topics.command_outcomes(),
+                    &topics.command_outcomes(A::STREAM),
                     self.partition,
                     &key,
                     &payload,
@@ -403,7 +425,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                 )?);
             }
             decided.push((p.command, result.status));
-            results.push((result, p.idempotent));
+            results.push((result, p.idempotent, keyed_over_http));
         }
 
         if let Some(last) = last_consumed {
@@ -438,7 +460,19 @@ impl<A: CommandStream> PartitionWorker<A> {
     ) -> anyhow::Result<()> {
         let events_topic = self.shared.topics.events(A::STREAM);
         if !txn.in_batch.insert(envelope.command_id) {
-            // The same command twice in one batch: the first's outcome answers both.
+            // The same command twice in one batch (say handed over in-process and read
+            // from the topic for a request in another process): the first's outcome
+            // answers both, so it goes wherever either needs it.
+            if let Some(first) = txn
+                .pending
+                .iter_mut()
+                .find(|p| p.command_id == envelope.command_id)
+            {
+                first.remote |= remote;
+                if first.reply_to.is_none() {
+                    first.reply_to = envelope.reply_to.clone();
+                }
+            }
             return Ok(());
         }
         if let Some(previous) = self.seen.results.get(&envelope.command_id) {
@@ -590,20 +624,26 @@ impl<A: CommandStream> PartitionWorker<A> {
     }
 }
 
-/// Outcomes of keyed commands written to this partition within the dedup window, so that
-/// a retry reaching a new owner is answered, not applied again.
-async fn recent_outcomes(shared: &Shared, partition: i32) -> anyhow::Result<Seen> {
-    let since = Utc::now() - chrono::Duration::from_std(shared.dedup_window).unwrap_or_default();
+/// Outcomes of keyed commands written to this partition within their windows, so that a
+/// retry reaching a new owner is answered, not applied again: HTTP-keyed ones from the
+/// stream's outcomes topic over the dedup window, the saga's (and, for logs written
+/// before the outcomes topics existed, every keyed one) from the results topic over the
+/// saga's window.
+async fn recent_outcomes<A: CommandStream>(
+    shared: &Shared,
+    partition: i32,
+) -> anyhow::Result<Seen> {
     let mut seen = Seen::default();
-    let outcomes = shared.topics.command_outcomes();
-    let (_, end) = eventlog::watermarks(&shared.kafka, &outcomes, partition).await?;
-    // Before `command-outcomes` existed, keyed outcomes were written only to the results
-    // topic: a partition that has no outcome yet (a log upgraded from then) reads those.
-    let mut sources = vec![outcomes];
-    if end == 0 {
-        sources.push(shared.topics.command_results());
-    }
-    for topic in sources {
+    let sources = [
+        (
+            shared.topics.command_outcomes(A::STREAM),
+            shared.dedup_window,
+            true,
+        ),
+        (shared.topics.command_results(), SAGA_DEDUP_WINDOW, false),
+    ];
+    for (topic, window, keyed_over_http) in sources {
+        let since = Utc::now() - chrono::Duration::from_std(window).unwrap_or_default();
         let from =
             offset_for_time(&shared.kafka, &topic, partition, since.timestamp_millis()).await?;
         read_partition(&shared.kafka, &topic, partition, from, |message| {
@@ -612,7 +652,7 @@ async fn recent_outcomes(shared: &Shared, partition: i32) -> anyhow::Result<Seen
                 .map(serde_json::from_slice::<CommandResult>)
             {
                 if result.idempotent {
-                    seen.insert(result, shared.dedup_window);
+                    seen.insert(result, keyed_over_http, shared.dedup_window);
                 }
             }
             Ok(())

@@ -13,7 +13,7 @@ use crate::KafkaConfig;
 
 const FOREVER: &str = "-1";
 const WEEK_MS: &str = "604800000";
-/// How long the keyed outcomes stay on `command-outcomes`; the longest dedup window.
+/// How long the keyed outcomes stay on `<stream>.outcomes`; the longest dedup window.
 pub const OUTCOMES_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 const DAY_MS: &str = "86400000";
 
@@ -46,11 +46,12 @@ impl Topics {
         format!("{}.command-results", self.prefix)
     }
 
-    /// Outcomes of commands sent with an Idempotency-Key, keyed by command id and
-    /// co-partitioned with the command topics: the record a new owner of a partition
-    /// reloads, so a retry within the dedup window is answered, never applied again.
-    pub fn command_outcomes(&self) -> String {
-        format!("{}.command-outcomes", self.prefix)
+    /// Outcomes of one stream's commands sent over HTTP with an Idempotency-Key, keyed by
+    /// command id and co-partitioned with its command topic: the record a new owner of a
+    /// partition reloads, so a retry within the dedup window is answered, never applied
+    /// again.
+    pub fn command_outcomes(&self, stream: &str) -> String {
+        format!("{}.{stream}.outcomes", self.prefix)
     }
 
     /// The order-fulfilment saga's own events, keyed by order id.
@@ -75,10 +76,10 @@ impl Topics {
         for stream in streams {
             specs.push(TopicSpec::new(self.events(stream), p, FOREVER));
             specs.push(TopicSpec::new(self.commands(stream), p, WEEK_MS));
+            // Longer than any dedup window Tally accepts (--dedup-window-secs).
+            specs.push(TopicSpec::new(self.command_outcomes(stream), p, WEEK_MS));
         }
         specs.push(TopicSpec::new(self.command_results(), p, DAY_MS));
-        // Longer than any dedup window Tally accepts (--dedup-window-secs).
-        specs.push(TopicSpec::new(self.command_outcomes(), p, WEEK_MS));
         specs.push(TopicSpec::new(self.saga_events(), p, FOREVER));
         specs.push(TopicSpec::new(self.saga_inbox(), p, WEEK_MS));
         specs.push(TopicSpec::new(self.dead_letters(), 1, FOREVER));

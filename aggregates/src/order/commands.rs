@@ -52,7 +52,9 @@ pub enum OrderError {
     NotCancellable { status: OrderStatus },
     #[error("only a placed order can be confirmed or rejected; it is {status}")]
     NotPlaced { status: OrderStatus },
-    #[error("a cancellation reason is 1 to {max} characters, not blank")]
+    #[error(
+        "a cancellation reason is 1 to {max} characters, not blank, without control characters"
+    )]
     InvalidReason { max: usize },
 }
 

@@ -132,7 +132,12 @@ impl Order {
                     return Err(OrderError::NotCancellable { status });
                 }
                 let chars = reason.chars().count();
-                if reason.trim().is_empty() || chars > MAX_REASON_CHARS {
+                // Control characters (a NUL above all) have no place in a reason, and
+                // PostgreSQL's jsonb cannot store a NUL: refused here, never in a view.
+                if reason.trim().is_empty()
+                    || chars > MAX_REASON_CHARS
+                    || reason.chars().any(char::is_control)
+                {
                     return Err(OrderError::InvalidReason {
                         max: MAX_REASON_CHARS,
                     });

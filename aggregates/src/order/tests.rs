@@ -279,8 +279,14 @@ fn cancel_is_refused_for_cancelled_and_rejected_orders() {
 }
 
 #[test]
-fn cancel_needs_a_reason_that_is_not_blank_or_huge() {
-    for reason in ["".to_string(), "   ".to_string(), "x".repeat(1001)] {
+fn cancel_needs_a_reason_that_is_not_blank_or_huge_or_full_of_control_characters() {
+    for reason in [
+        "".to_string(),
+        "   ".to_string(),
+        "x".repeat(1001),
+        "nul \u{0} inside".to_string(),
+        "bell \u{7}".to_string(),
+    ] {
         given_draft()
             .when(OrderCommand::CancelOrder { reason })
             .then_expect_error(OrderError::InvalidReason { max: 1000 });
