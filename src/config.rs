@@ -25,6 +25,14 @@ pub enum Command {
     /// Rebuild one read model from offset 0 into new tables and swap them in, with a
     /// progress bar. Queries keep being served from the old tables meanwhile.
     Replay(ReplayArgs),
+    /// Empty this database's read side for the current Kafka log: every read-model table,
+    /// every projection checkpoint and every idempotency key; then record the log (Kafka's
+    /// cluster id and the id in `<prefix>.meta`) as the one the read side belongs to. The
+    /// projectors rebuild every view from offset 0 when they next start. For a database
+    /// that start refuses because it was built from another log (e.g. after deleting
+    /// Kafka's data). Stop every tally process of this prefix first: a running API would
+    /// keep answering from what it saw before.
+    ResetReadSide(ResetArgs),
 }
 
 /// Settings every command needs: where Kafka and PostgreSQL are, and logging.
@@ -88,6 +96,17 @@ pub struct ServeArgs {
 pub struct ReplayArgs {
     /// The projection: orders, inventory, accounts or journal.
     pub projection: String,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `tally reset-read-side` settings.
+#[derive(Debug, Clone, Args)]
+pub struct ResetArgs {
+    /// Confirms that the read models, checkpoints and idempotency keys in this database
+    /// are to be deleted; without it nothing is touched.
+    #[arg(long)]
+    pub yes: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -292,6 +311,20 @@ mod tests {
         };
         assert_eq!(args.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(args.common.kafka().partitions, 4);
+    }
+
+    #[test]
+    fn reset_read_side_takes_a_confirmation() {
+        let cli = Cli::try_parse_from(["tally", "reset-read-side", "--yes"]).unwrap();
+        let Command::ResetReadSide(args) = cli.command else {
+            panic!("not reset-read-side")
+        };
+        assert!(args.yes);
+        let cli = Cli::try_parse_from(["tally", "reset-read-side"]).unwrap();
+        let Command::ResetReadSide(args) = cli.command else {
+            panic!("not reset-read-side")
+        };
+        assert!(!args.yes);
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! The `tally` binary's library: it wires the crates into one process, so that tests can
 //! start the whole app in-process (DESIGN.md §1).
 //!
-//! [`prepare`] waits for Kafka and PostgreSQL, creates the topics and runs the
-//! migrations; [`run`] plays the configured roles (HTTP API, command processors) until
-//! `shutdown` is cancelled.
+//! [`prepare`] waits for Kafka and PostgreSQL, creates the topics, runs the migrations
+//! and checks that the database's read side belongs to this Kafka log; [`run`] plays the
+//! configured roles (HTTP API, command processors) until `shutdown` is cancelled.
 
 pub mod config;
+pub mod identity;
 pub mod openapi;
 pub mod ops;
 pub mod readiness;
@@ -57,8 +58,23 @@ pub struct AppState {
 }
 
 /// Waits (up to the start-up timeout) for Kafka and PostgreSQL, creates missing topics,
-/// and runs the read-model migrations.
+/// runs the read-model migrations, and refuses a database whose read side belongs to
+/// another Kafka log (see [`identity::check`]).
 pub async fn prepare(common: &CommonArgs) -> anyhow::Result<AppState> {
+    let (state, log) = open(common).await?;
+    identity::check(&state.pool, &state.kafka, &log).await?;
+    Ok(state)
+}
+
+/// `tally reset-read-side`: empties this database's read models, checkpoints and
+/// idempotency keys, and records the current Kafka log as theirs (see [`identity::reset`]).
+pub async fn reset_read_side(common: &CommonArgs) -> anyhow::Result<identity::ResetSummary> {
+    let (state, log) = open(common).await?;
+    identity::reset(&state.pool, &state.kafka, &log).await
+}
+
+/// What [`prepare`] does before the identity check; answers the log's identity too.
+async fn open(common: &CommonArgs) -> anyhow::Result<(AppState, eventlog::LogIdentity)> {
     let kafka = common.kafka();
     let deadline = Instant::now() + common.startup_timeout();
 
@@ -71,7 +87,8 @@ pub async fn prepare(common: &CommonArgs) -> anyhow::Result<AppState> {
         &Topics::new(&kafka.topic_prefix).all(&STREAMS, &kafka),
     )
     .await?;
-    info!(brokers = %kafka.brokers, prefix = %kafka.topic_prefix, partitions = kafka.partitions, "kafka ready, topics in place");
+    let log = eventlog::log_identity(&kafka).await?;
+    info!(brokers = %kafka.brokers, prefix = %kafka.topic_prefix, partitions = kafka.partitions, %log, "kafka ready, topics in place");
 
     let options = common
         .database_url
@@ -94,11 +111,12 @@ pub async fn prepare(common: &CommonArgs) -> anyhow::Result<AppState> {
         processors: Vec::new(),
         draining: Default::default(),
     };
-    Ok(AppState {
+    let state = AppState {
         kafka,
         pool,
         readiness,
-    })
+    };
+    Ok((state, log))
 }
 
 async fn retry_until<T, F, Fut>(deadline: Instant, what: &str, mut attempt: F) -> anyhow::Result<T>

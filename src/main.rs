@@ -50,6 +50,20 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = tally::telemetry::init(&args.common)?;
             tally::replay::run(&args).await
         }
+        Command::ResetReadSide(args) => {
+            let _telemetry = tally::telemetry::init(&args.common)?;
+            anyhow::ensure!(
+                args.yes,
+                "this deletes every read model, projection checkpoint and idempotency key in \
+                 the database at --database-url, so that the projectors rebuild from offset 0 \
+                 of the log at --kafka-brokers (topic prefix '{}'). Stop every tally process \
+                 of this prefix, then run again with --yes",
+                args.common.topic_prefix
+            );
+            let summary = tally::reset_read_side(&args.common).await?;
+            println!("{summary}");
+            Ok(())
+        }
     }
 }
 

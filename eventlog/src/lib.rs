@@ -11,10 +11,13 @@
 //!   runtime, with librdkafka's errors sorted into retriable / abortable / fatal.
 //! - [`read_partition`]: read one partition `read_committed` from an offset up to its
 //!   last stable offset, the catch-up step before a processor takes commands.
+//! - [`log_identity`]: which log this is (Kafka's cluster id and the id in
+//!   `<prefix>.meta`), so that the read side can tell it from another (ADR 7).
 
 mod config;
 mod envelope;
 pub mod group;
+mod identity;
 mod partitioner;
 mod reader;
 mod token;
@@ -25,6 +28,7 @@ mod wire;
 
 pub use config::KafkaConfig;
 pub use envelope::{dead_letter_headers, headers, EventEnvelope, EventMetadata};
+pub use identity::{end_offsets, log_identity, LogIdentity, LOG_ID_KEY};
 pub use partitioner::{murmur2, partition_for};
 pub use reader::{consumer_lags, offset_for_time, read_partition, watermarks};
 pub use token::{ConsistencyToken, Position};

@@ -69,6 +69,12 @@ impl Topics {
         format!("{}.dlq", self.prefix)
     }
 
+    /// One partition holding the log id, written once by the first process to start
+    /// (see [`log_identity`](crate::log_identity)); kept forever, never compacted.
+    pub fn meta(&self) -> String {
+        format!("{}.meta", self.prefix)
+    }
+
     /// Every topic Tally uses for these streams, with its settings.
     pub fn all(&self, streams: &[&str], config: &KafkaConfig) -> Vec<TopicSpec> {
         let p = config.partitions;
@@ -83,6 +89,7 @@ impl Topics {
         specs.push(TopicSpec::new(self.saga_events(), p, FOREVER));
         specs.push(TopicSpec::new(self.saga_inbox(), p, WEEK_MS));
         specs.push(TopicSpec::new(self.dead_letters(), 1, FOREVER));
+        specs.push(TopicSpec::new(self.meta(), 1, FOREVER));
         specs
     }
 }
