@@ -23,6 +23,7 @@ pub mod http;
 mod inventory;
 mod journal;
 mod kinds;
+mod live;
 pub mod openapi;
 mod orders;
 mod progress;
