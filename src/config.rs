@@ -64,6 +64,11 @@ pub struct CommonArgs {
     /// Most PostgreSQL connections this process opens.
     #[arg(long, env = "TALLY_DATABASE_CONNECTIONS", default_value_t = 16)]
     pub database_connections: u32,
+    /// PostgreSQL connections of the projectors, a pool of their own apart from the one
+    /// queries and idempotency keys use: one for each of the five projectors and one for
+    /// status and replays.
+    #[arg(long, env = "TALLY_PROJECTION_CONNECTIONS", default_value_t = 6, value_parser = clap::value_parser!(u32).range(2..=256))]
+    pub projection_connections: u32,
     /// How long to keep retrying Kafka and PostgreSQL at start-up, in seconds.
     #[arg(long, env = "TALLY_STARTUP_TIMEOUT_SECS", default_value_t = 60)]
     pub startup_timeout_secs: u64,

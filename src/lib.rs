@@ -53,7 +53,10 @@ pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id
 #[derive(Clone)]
 pub struct AppState {
     pub kafka: KafkaConfig,
+    /// Queries, idempotency keys, readiness.
     pub pool: PgPool,
+    /// The projectors' own pool (opened lazily, so only processes that project use it).
+    pub projector_pool: PgPool,
     pub readiness: Readiness,
 }
 
@@ -98,6 +101,7 @@ async fn open(common: &CommonArgs) -> anyhow::Result<(AppState, eventlog::LogIde
         projections::connect(Clone::clone(&options), common.database_connections)
     })
     .await?;
+    let projector_pool = projections::projector_pool(options, common.projection_connections);
     projections::migrate(&pool).await?;
     info!("postgres ready, migrations applied");
 
@@ -114,6 +118,7 @@ async fn open(common: &CommonArgs) -> anyhow::Result<(AppState, eventlog::LogIde
     let state = AppState {
         kafka,
         pool,
+        projector_pool,
         readiness,
     };
     Ok((state, log))
@@ -203,7 +208,7 @@ pub async fn run(
     let admin = if settings.roles.contains(&Role::Projections) {
         let projectors = projections::Projectors::new(
             state.kafka.clone(),
-            state.pool.clone(),
+            state.projector_pool.clone(),
             progress.clone(),
         )?;
         projectors.metrics.register(&mut registry);

@@ -1,13 +1,13 @@
 //! `tally replay <projection>`: a replay from the command line, with a progress bar.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::Utc;
 use indicatif::{ProgressBar, ProgressStyle};
 use projections::admin::ReplayProgress;
+use projections::replay::ReplayLock;
 use projections::{Kind, Progress, Projectors};
 
 use crate::config::ReplayArgs;
@@ -21,12 +21,16 @@ pub async fn run(args: &ReplayArgs) -> anyhow::Result<()> {
         )
     })?;
     let state = crate::prepare(&args.common).await?;
-    let projectors = Projectors::new(state.kafka, state.pool, Progress::default())?;
-    let progress = ReplayProgress {
-        processed: Arc::new(AtomicU64::new(0)),
-        total: 0,
-        started_at: Utc::now(),
-    };
+    let projectors = Projectors::new(state.kafka, state.projector_pool, Progress::default())?;
+    let lock = ReplayLock::try_acquire(&projectors, kind)
+        .await?
+        .with_context(|| {
+            format!(
+                "a replay of {} is running already (in this or another process); try again when it has finished",
+                kind.name()
+            )
+        })?;
+    let progress = ReplayProgress::new();
     let slot = Arc::new(Mutex::new(Some(progress.clone())));
 
     let bar = ProgressBar::new(0);
@@ -53,7 +57,7 @@ pub async fn run(args: &ReplayArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    let result = projections::replay::replay(&projectors, kind, progress, &slot, None).await;
+    let result = projections::replay::replay(&projectors, kind, lock, progress, &slot, None).await;
     ticker.abort();
     let summary = result?;
     bar.finish_with_message(format!("replayed {}", kind.name()));

@@ -12,29 +12,92 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
+use utoipa::ToSchema;
 
+use crate::health::{Fault, Health};
 use crate::kinds::Kind;
-use crate::runner::{self, Projectors, Target};
+use crate::live::keep_running;
+pub use crate::live::LiveSlot;
+use crate::projectors::{ProjectionMetrics, Projectors};
+use crate::replay::ReplayLock;
 
 /// A replay in progress.
 #[derive(Clone)]
 pub struct ReplayProgress {
+    /// Records applied so far.
     pub processed: Arc<AtomicU64>,
+    /// Records to apply (known once the replay has read the log's ends).
     pub total: u64,
+    /// When it started.
     pub started_at: DateTime<Utc>,
+    /// The error the replay is waiting out, if any.
+    pub health: Arc<Health>,
+}
+
+impl ReplayProgress {
+    /// A replay starting now.
+    pub fn new() -> Self {
+        Self {
+            processed: Arc::new(AtomicU64::new(0)),
+            total: 0,
+            started_at: Utc::now(),
+            health: Arc::default(),
+        }
+    }
+}
+
+impl Default for ReplayProgress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A replay's progress as the status shows it.
+#[derive(Serialize, ToSchema)]
+pub struct ReplayStatus {
+    pub processed: u64,
+    pub total: u64,
+    /// RFC 3339.
+    pub started_at: String,
+}
+
+/// One projection's state (API.md, `GET /v1/admin/projections`).
+#[derive(Serialize, ToSchema)]
+pub struct ProjectionStatus {
+    pub name: &'static str,
+    /// `running`, `replaying` or `failed`. A transient error (a database or broker
+    /// briefly away) is retried while the status stays `running`.
+    pub status: &'static str,
+    /// Records behind the log.
+    pub lag: i64,
+    pub replay: Option<ReplayStatus>,
+    /// Records applied by this process.
+    pub applied: u64,
+    /// Records this process sent to the dead-letter topic.
+    pub dead_letters: u64,
+    /// What is wrong now; null when nothing is.
+    pub error: Option<Fault>,
+}
+
+/// Every projection's state.
+#[derive(Serialize, ToSchema)]
+pub struct ProjectionList {
+    pub items: Vec<ProjectionStatus>,
 }
 
 /// The state of one projection in this process.
 #[derive(Default)]
 pub struct State_ {
-    failed: Mutex<Option<String>>,
+    /// The live projector's error, if any.
+    health: Arc<Health>,
     replay: Mutex<Option<ReplayProgress>>,
-    /// Cancels the live projector (a replay pauses it for the swap).
-    live: Mutex<Option<CancellationToken>>,
+    /// The live projector (a replay stops it for the swap).
+    live: LiveSlot,
 }
 
 /// Every projection this process runs, and how to run them.
@@ -45,6 +108,15 @@ pub struct Admin {
     shutdown: CancellationToken,
     /// The live projectors' tasks, so a shutdown can wait for their last commit.
     tasks: TaskTracker,
+}
+
+/// Why a replay did not start.
+#[derive(Debug)]
+pub enum ReplayRefused {
+    /// One runs already, in this process or another.
+    Running(String),
+    /// The database did not answer.
+    Failed(anyhow::Error),
 }
 
 impl Admin {
@@ -67,29 +139,26 @@ impl Admin {
         admin
     }
 
+    /// Starts the live projector of `kind`. The caller makes sure none runs.
     fn start_live(&self, kind: Kind) {
         let token = self.shutdown.child_token();
+        let (ctx, state) = (self.projectors.clone(), self.states[&kind].clone());
+        let running = ctx
+            .metrics
+            .running
+            .get_or_create(&ProjectionMetrics::label(kind))
+            .clone();
+        let stop = token.clone();
+        let task = self.tasks.spawn(async move {
+            running.inc();
+            keep_running(&ctx, kind, &state.health, &stop).await;
+            running.dec();
+        });
         *self.states[&kind]
             .live
+            .0
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
-        let (ctx, state) = (self.projectors.clone(), self.states[&kind].clone());
-        self.tasks.spawn(async move {
-            while !token.is_cancelled() {
-                match runner::run(&ctx, kind, &Target::live(kind), &token).await {
-                    Ok(()) => *state.failed.lock().unwrap_or_else(|p| p.into_inner()) = None,
-                    Err(e) => {
-                        error!(projection = kind.name(), error = %format!("{e:#}"), "projector failed; restarting in 1s");
-                        *state.failed.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(format!("{e:#}"));
-                        tokio::select! {
-                            _ = token.cancelled() => {}
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                    }
-                }
-            }
-        });
+            .unwrap_or_else(|p| p.into_inner()) = Some((token, task));
     }
 
     /// Refreshes the lag gauges every 5 s until shutdown.
@@ -103,7 +172,7 @@ impl Admin {
                             .projectors
                             .metrics
                             .lag
-                            .get_or_create(&crate::runner::ProjectionMetrics::label(kind))
+                            .get_or_create(&ProjectionMetrics::label(kind))
                             .set(lag);
                     }
                 }
@@ -122,73 +191,103 @@ impl Admin {
         self.tasks.wait().await;
     }
 
-    /// `{ name, status, lag, replay, dead_letters }` of one projection.
-    pub async fn status(&self, kind: Kind) -> anyhow::Result<Value> {
+    /// The state of one projection: what is true now.
+    pub async fn status(&self, kind: Kind) -> ProjectionStatus {
         let state = &self.states[&kind];
         let replay = state
             .replay
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let failed = state
-            .failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let status = match (&replay, &failed) {
+        let live = state.health.state();
+        let status = match (&replay, &live) {
             (Some(_), _) => "replaying",
-            (None, Some(_)) => "failed",
-            (None, None) => "running",
+            (None, Some((fault, stopped))) if *stopped || !fault.transient => "failed",
+            (None, _) => "running",
+        };
+        let error = match live {
+            Some((fault, _)) => Some(fault),
+            None => replay.as_ref().and_then(|r| r.health.fault()),
         };
         let stats = &self.projectors.stats[&kind];
-        Ok(json!({
-            "name": kind.name(),
-            "status": status,
-            "lag": self.lag(kind, kind.name()).await?,
-            "replay": replay.map(|r| json!({
-                "processed": r.processed.load(Ordering::Relaxed),
-                "total": r.total,
-                "started_at": crate::rfc3339(r.started_at),
-            })),
-            "applied": stats.applied.get(),
-            "dead_letters": stats.dead_lettered.get(),
-            "error": failed,
-        }))
+        ProjectionStatus {
+            name: kind.name(),
+            status,
+            lag: self.current_lag(kind).await,
+            replay: replay.map(|r| ReplayStatus {
+                processed: r.processed.load(Ordering::Relaxed),
+                total: r.total,
+                started_at: crate::rfc3339(r.started_at),
+            }),
+            applied: stats.applied.get(),
+            dead_letters: stats.dead_lettered.get(),
+            error,
+        }
+    }
+
+    /// The lag of the live projection now, or the last one known while Kafka or the
+    /// database does not answer (the status must answer then, above all).
+    async fn current_lag(&self, kind: Kind) -> i64 {
+        let gauge = self
+            .projectors
+            .metrics
+            .lag
+            .get_or_create(&ProjectionMetrics::label(kind))
+            .clone();
+        let lag = tokio::time::timeout(Duration::from_secs(3), self.lag(kind, kind.name()));
+        match lag.await {
+            Ok(Ok(lag)) => {
+                gauge.set(lag);
+                lag
+            }
+            _ => gauge.get(),
+        }
     }
 
     /// Records behind: each partition's end minus its checkpoint, summed.
     pub async fn lag(&self, kind: Kind, checkpoint: &str) -> anyhow::Result<i64> {
         let ends = crate::replay::ends(&self.projectors, kind).await?;
-        let at = self.projectors.checkpoints(kind, checkpoint).await?;
+        let at = self.projectors.stored_checkpoints(kind, checkpoint).await?;
         Ok(ends
             .iter()
             .map(|(tp, end)| (end - at.get(tp).copied().unwrap_or(0)).max(0))
             .sum())
     }
 
-    /// Starts a replay of `kind` in the background; false when one is running already.
-    pub fn start_replay(&self, kind: Kind) -> bool {
+    /// Starts a replay of `kind` in the background, unless one runs already in this
+    /// process or (holding its advisory lock) in another.
+    pub async fn start_replay(&self, kind: Kind) -> Result<(), ReplayRefused> {
         let state = self.states[&kind].clone();
-        let mut slot = state.replay.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_some() {
-            return false;
+        let progress = ReplayProgress::new();
+        {
+            let mut slot = state.replay.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_some() {
+                return Err(ReplayRefused::Running(format!(
+                    "{} is already replaying",
+                    kind.name()
+                )));
+            }
+            *slot = Some(progress.clone());
         }
-        let progress = ReplayProgress {
-            processed: Arc::new(AtomicU64::new(0)),
-            total: 0,
-            started_at: Utc::now(),
+        let lock = match ReplayLock::try_acquire(&self.projectors, kind).await {
+            Ok(Some(lock)) => lock,
+            refused => {
+                *state.replay.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                return Err(match refused {
+                    Ok(_) => ReplayRefused::Running(format!(
+                        "{} is already replaying in another process",
+                        kind.name()
+                    )),
+                    Err(e) => ReplayRefused::Failed(e),
+                });
+            }
         };
-        *slot = Some(progress.clone());
-        drop(slot);
         let admin = self.clone();
         tokio::spawn(async move {
-            let live = admin.states[&kind]
-                .live
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
+            let ctx = &admin.projectors;
             let result =
-                crate::replay::replay(&admin.projectors, kind, progress, &state.replay, live).await;
+                crate::replay::replay(ctx, kind, lock, progress, &state.replay, Some(&state.live))
+                    .await;
             *state.replay.lock().unwrap_or_else(|p| p.into_inner()) = None;
             match result {
                 Ok(summary) => info!(
@@ -200,9 +299,12 @@ impl Admin {
                     error!(projection = kind.name(), error = %format!("{e:#}"), "replay failed; the live tables are untouched")
                 }
             }
+            // Exactly one live projector afterwards, however far the replay got.
+            state.live.stop().await;
+            state.health.ok();
             admin.start_live(kind);
         });
-        true
+        Ok(())
     }
 }
 
@@ -220,17 +322,14 @@ pub fn routes(admin: Admin) -> Router {
     operation_id = "list_projections",
     tag = "admin",
     summary = "Every projection: status, lag, replay progress, dead letters",
-    responses((status = 200, description = "the projections", body = crate::openapi::ProjectionList))
+    responses((status = 200, description = "the projections", body = ProjectionList))
 )]
 pub(crate) async fn list(State(admin): State<Admin>) -> Response {
     let mut items = Vec::new();
     for kind in Kind::ALL {
-        match admin.status(kind).await {
-            Ok(status) => items.push(status),
-            Err(e) => return ApiError::internal(e).into_response(),
-        }
+        items.push(admin.status(kind).await);
     }
-    Json(json!({ "items": items })).into_response()
+    Json(ProjectionList { items }).into_response()
 }
 
 #[utoipa::path(
@@ -245,7 +344,7 @@ pub(crate) async fn list(State(admin): State<Admin>) -> Response {
         (status = 202, description = "replay started; follow it in GET /v1/admin/projections", body = Object),
         (status = 400, description = "a body other than `{}`", body = api::openapi::ErrorBody),
         (status = 404, description = "no such projection", body = api::openapi::ErrorBody),
-        (status = 409, description = "already replaying", body = api::openapi::ErrorBody)
+        (status = 409, description = "already replaying, in this process or another", body = api::openapi::ErrorBody)
     )
 )]
 pub(crate) async fn replay(
@@ -267,13 +366,12 @@ pub(crate) async fn replay(
     if !trimmed.is_empty() && trimmed != b"{}" {
         return ApiError::malformed("the replay body is empty or {}").into_response();
     }
-    if !admin.start_replay(kind) {
-        return ApiError::new(
-            StatusCode::CONFLICT,
-            "replay_running",
-            format!("{name} is already replaying"),
-        )
-        .into_response();
+    match admin.start_replay(kind).await {
+        Ok(()) => {}
+        Err(ReplayRefused::Running(why)) => {
+            return ApiError::new(StatusCode::CONFLICT, "replay_running", why).into_response()
+        }
+        Err(ReplayRefused::Failed(e)) => return ApiError::internal(e).into_response(),
     }
     (
         StatusCode::ACCEPTED,

@@ -23,6 +23,14 @@ impl Record {
     }
 }
 
+/// The event streams projections read.
+pub(crate) mod streams {
+    pub const ORDER: &str = "order";
+    pub const INVENTORY: &str = "inventory";
+    pub const PAYMENT: &str = "payment";
+    pub const SAGA: &str = sagas::fulfilment::STREAM;
+}
+
 /// A read model and the projector that keeps it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -67,11 +75,11 @@ impl Kind {
     /// The event streams it reads.
     pub fn streams(self) -> &'static [&'static str] {
         match self {
-            Kind::Orders => &["order"],
-            Kind::Inventory => &["inventory"],
-            Kind::Accounts => &["payment"],
-            Kind::Journal => &["order", "inventory", "payment"],
-            Kind::Sagas => &[sagas::fulfilment::STREAM],
+            Kind::Orders => &[streams::ORDER],
+            Kind::Inventory => &[streams::INVENTORY],
+            Kind::Accounts => &[streams::PAYMENT],
+            Kind::Journal => &[streams::ORDER, streams::INVENTORY, streams::PAYMENT],
+            Kind::Sagas => &[streams::SAGA],
         }
     }
 

@@ -106,34 +106,6 @@ pub struct History {
     pub events: Vec<EnvelopeView>,
 }
 
-/// Progress of a replay.
-#[derive(ToSchema)]
-pub struct ReplayProgress {
-    pub processed: u64,
-    pub total: u64,
-    pub started_at: String,
-}
-
-/// One projection's state.
-#[derive(ToSchema)]
-pub struct ProjectionStatus {
-    pub name: String,
-    /// `running`, `replaying` or `failed`.
-    pub status: String,
-    /// Records behind the log.
-    pub lag: u64,
-    pub replay: Option<ReplayProgress>,
-    pub applied: u64,
-    pub dead_letters: u64,
-    pub error: Option<String>,
-}
-
-/// Every projection's state.
-#[derive(ToSchema)]
-pub struct ProjectionList {
-    pub items: Vec<ProjectionStatus>,
-}
-
 /// The OpenAPI description of the query and admin routes.
 #[derive(utoipa::OpenApi)]
 #[openapi(
@@ -149,6 +121,12 @@ pub struct ProjectionList {
         crate::admin::list,
         crate::admin::replay,
     ),
-    components(schemas(ErrorBody))
+    components(schemas(
+        ErrorBody,
+        crate::admin::ProjectionList,
+        crate::admin::ProjectionStatus,
+        crate::admin::ReplayStatus,
+        crate::health::Fault
+    ))
 )]
 pub struct QueryRoutesDoc;
