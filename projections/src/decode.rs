@@ -36,7 +36,7 @@ fn check<A: Aggregate>(envelope: &EventEnvelope, uuid_ids: bool) -> Result<(), S
             envelope.event_version
         )
     })?;
-    if event.event_version() != envelope.event_version {
+    if event.event_version() != envelope.event_version.to_string() {
         return Err(format!(
             "unknown version {} of {} (this build reads version {})",
             envelope.event_version,

@@ -2,14 +2,12 @@
 //! their connections, records that can never apply, replays under steady traffic, two
 //! replays at once, a replay that fails, and a checkpoint outside the log.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::{database_for, new_prefix, order_body, TestApp};
 use clap::Parser;
-use common::{database_for, new_prefix, order_body, TestApp};
 use eventlog::rdkafka::message::Headers;
 use eventlog::rdkafka::producer::{FutureProducer, FutureRecord};
 use eventlog::rdkafka::Message;

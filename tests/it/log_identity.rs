@@ -3,11 +3,9 @@
 //! log identities is adopted only if its checkpoints fit the log, and processes starting
 //! together on a fresh log agree on its id.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{new_prefix, order_body, TestApp};
+use crate::common::{new_prefix, order_body, TestApp};
 use eventlog::rdkafka::admin::{AdminClient, AdminOptions};
 use eventlog::rdkafka::client::DefaultClientContext;
 use eventlog::rdkafka::consumer::{BaseConsumer, Consumer};
@@ -98,7 +96,7 @@ async fn a_database_built_from_another_log_is_refused_until_the_read_side_is_res
 
     // Start over on a new log: same database, the prefix's topics created afresh.
     delete_topics(&kafka).await;
-    let (common, _) = common::args(&prefix, 2, "api,commands,projections", &[]).await;
+    let (common, _) = crate::common::args(&prefix, 2, "api,commands,projections", &[]).await;
     let err = tally::prepare(&common)
         .await
         .err()
@@ -132,7 +130,7 @@ async fn a_database_built_from_another_log_is_refused_until_the_read_side_is_res
 #[tokio::test]
 async fn a_database_from_before_log_identities_is_adopted_only_if_its_checkpoints_fit_the_log() {
     let prefix = new_prefix();
-    let (common, _) = common::args(&prefix, 2, "api", &[]).await;
+    let (common, _) = crate::common::args(&prefix, 2, "api", &[]).await;
     tally::prepare(&common).await.unwrap();
     let kafka = common.kafka();
     let topic = Topics::new(&prefix).events("order");
@@ -193,7 +191,7 @@ async fn a_database_from_before_log_identities_is_adopted_only_if_its_checkpoint
 #[tokio::test]
 async fn prepares_racing_on_a_fresh_prefix_agree_on_one_log_id() {
     let prefix = new_prefix();
-    let (common, _) = common::args(&prefix, 2, "api", &[]).await;
+    let (common, _) = crate::common::args(&prefix, 2, "api", &[]).await;
     let results = futures::future::join_all((0..4).map(|_| tally::prepare(&common))).await;
     for result in results {
         if let Err(err) = result {
