@@ -10,11 +10,10 @@ use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use eventlog::rdkafka::consumer::Consumer;
-use eventlog::rdkafka::error::KafkaError;
 use eventlog::rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
 use eventlog::rdkafka::{Offset, TopicPartitionList};
 use eventlog::{
-    classify, offset_for_time, read_partition, Delivery, EventEnvelope, EventMetadata,
+    classify, offset_for_time, read_partition, CommitError, Delivery, EventEnvelope, EventMetadata,
     TxnErrorKind, TxnProducer,
 };
 use serde_json::json;
@@ -80,16 +79,6 @@ impl Seen {
         };
         order.push_back((now, result.command_id));
         self.results.insert(result.command_id, result);
-    }
-}
-
-/// Marks an error from the commit itself: the transaction may or may not have committed.
-#[derive(Debug)]
-struct CommitUncertain;
-
-impl std::fmt::Display for CommitUncertain {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("committing the transaction")
     }
 }
 
@@ -172,6 +161,16 @@ impl<A: CommandStream> PartitionWorker<A> {
         let started = Instant::now();
         let txn_id = format!("{}-{}-p{partition}", shared.kafka.topic_prefix, A::STREAM);
         let producer = TxnProducer::new(&shared.kafka, &txn_id).await?;
+        // Fenced: the previous owner can commit nothing more, so the group's committed
+        // offset is final now — start from it, not from what assignment fetched (a
+        // retried commit of the old owner may have landed in between: its commands would
+        // be decided twice).
+        let topic = [shared.topics.commands(A::STREAM)];
+        let consumer = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            eventlog::group::seek_to_committed(&consumer.consumer, &topic, partition)
+        })
+        .await??;
         let aggregates = rebuild::<A>(&shared, partition).await?;
         let seen = recent_outcomes::<A>(&shared, partition).await?;
         info!(
@@ -228,7 +227,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                 // the command topic to the next owner, unless the commit may have happened.
                 commands.close();
                 let mut unsent: Vec<Work> = Vec::new();
-                if err.downcast_ref::<CommitUncertain>().is_none() {
+                if !CommitError::is_uncertain(&err) {
                     unsent.extend(batch);
                 }
                 while let Ok(work) = commands.try_recv() {
@@ -279,9 +278,17 @@ impl<A: CommandStream> PartitionWorker<A> {
                     );
                     return Ok(());
                 }
+                // Aborting a commit of unknown outcome and deciding the batch again would
+                // append its events twice if the commit went through.
+                Err(err) if CommitError::is_uncertain(&err) => {
+                    return Err(err.context(format!(
+                        "{} partition {}: the commit's outcome is unknown; the processor restarts and the log decides",
+                        A::STREAM,
+                        self.partition
+                    )))
+                }
                 Err(err) => {
-                    let kind = err
-                        .downcast_ref::<KafkaError>()
+                    let kind = CommitError::kafka_error(&err)
                         .map(classify)
                         .unwrap_or(TxnErrorKind::Fatal);
                     if kind == TxnErrorKind::Fatal || attempt >= MAX_ATTEMPTS {
@@ -445,7 +452,7 @@ impl<A: CommandStream> PartitionWorker<A> {
         self.producer
             .commit(other_sends)
             .await
-            .context(CommitUncertain)?;
+            .map_err(anyhow::Error::new)?;
         Ok((staged, results, decided, events))
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::{ClientContext, Statistics, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{error, warn};
@@ -88,6 +88,35 @@ pub async fn stop_workers<T: 'static>(tasks: &mut JoinSet<T>, bound: Duration, w
         }
     }
     tasks.shutdown().await;
+}
+
+/// Moves partition `partition` of each of `topics` to the group's committed offset (the
+/// beginning when there is none). A new owner calls it right after `init_transactions`:
+/// the offset librdkafka fetched at assignment may predate a commit of the previous
+/// owner that completed before the fence. Blocking: call it off the async runtime.
+pub fn seek_to_committed<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    topics: &[String],
+    partition: i32,
+) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(30);
+    let mut wanted = TopicPartitionList::new();
+    for topic in topics {
+        wanted.add_partition(topic, partition);
+    }
+    let committed = consumer
+        .committed_offsets(wanted, timeout)
+        .with_context(|| format!("reading the committed offsets of partition {partition}"))?;
+    for element in committed.elements() {
+        let offset = match element.offset() {
+            Offset::Offset(at) => Offset::Offset(at),
+            _ => Offset::Beginning,
+        };
+        consumer
+            .seek(element.topic(), partition, offset, timeout)
+            .with_context(|| format!("seeking {}/{partition} to {offset:?}", element.topic()))?;
+    }
+    Ok(())
 }
 
 /// A partition owner's consumer of `topics` in `group`: offsets only ever committed by

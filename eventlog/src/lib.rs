@@ -33,7 +33,7 @@ pub use partitioner::{murmur2, partition_for};
 pub use reader::{consumer_lags, offset_for_time, read_partition, watermarks};
 pub use token::{ConsistencyToken, Position};
 pub use topics::{check_connection, ensure_topics, TopicSpec, Topics, OUTCOMES_RETENTION};
-pub use txn::{classify, Delivery, Landed, TxnErrorKind, TxnProducer};
+pub use txn::{classify, CommitError, Delivery, Landed, TxnErrorKind, TxnProducer};
 pub use wire::{CommandEnvelope, CommandResult, ReplyTo};
 
 /// Re-exported so dependants use the same rdkafka as this crate.

@@ -55,6 +55,38 @@ fn is_fencing(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// Why [`TxnProducer::commit`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// A record of the transaction was not delivered, so `commit_transaction` was never
+    /// called: nothing is committed; classify the error, abort and re-run the work.
+    #[error("a record of the transaction was not delivered: {0}")]
+    Undelivered(#[source] KafkaError),
+    /// `commit_transaction` itself failed: the transaction may or may not have committed.
+    /// Never abort, retry or hand on its work: restart, and let fencing and the log decide
+    /// (the next owner's `init_transactions` completes or aborts it).
+    #[error("committing the transaction failed; whether it committed is unknown: {0}")]
+    Uncertain(#[source] KafkaError),
+}
+
+impl CommitError {
+    /// Whether `err` (anywhere in its chain) is a commit of unknown outcome.
+    pub fn is_uncertain(err: &anyhow::Error) -> bool {
+        matches!(
+            err.downcast_ref::<CommitError>(),
+            Some(CommitError::Uncertain(_))
+        )
+    }
+
+    /// The Kafka error behind `err`, wherever it sits in the chain, to classify.
+    pub fn kafka_error(err: &anyhow::Error) -> Option<&KafkaError> {
+        match err.downcast_ref::<CommitError>() {
+            Some(CommitError::Undelivered(e) | CommitError::Uncertain(e)) => Some(e),
+            None => err.downcast_ref::<KafkaError>(),
+        }
+    }
+}
+
 /// Where a record landed: `(partition, offset)`.
 pub type Landed = (i32, i64);
 
@@ -155,10 +187,13 @@ impl TxnProducer {
             .await
     }
 
-    /// Flushes, checks every delivery, then commits. On error the caller classifies it and
-    /// aborts or drops the producer; where the records landed is returned on success.
-    pub async fn commit(&self, deliveries: Vec<Delivery>) -> KafkaResult<Vec<Landed>> {
-        let landed = self.flush(deliveries).await?;
+    /// Flushes, checks every delivery, then commits; where the records landed is returned
+    /// on success. See [`CommitError`] for what the caller may do on failure.
+    pub async fn commit(&self, deliveries: Vec<Delivery>) -> Result<Vec<Landed>, CommitError> {
+        let landed = self
+            .flush(deliveries)
+            .await
+            .map_err(CommitError::Undelivered)?;
         // Let the background thread serve what is left (e.g. the reports just awaited)
         // so that commit's own flush finds nothing outstanding and does not poll.
         let drained = std::time::Instant::now() + Duration::from_millis(50);
@@ -171,7 +206,7 @@ impl TxnProducer {
             match self.blocking(|p, t| p.commit_transaction(t)).await {
                 Ok(()) => return Ok(landed),
                 Err(e) if classify(&e) == TxnErrorKind::Retriable && attempts < 3 => attempts += 1,
-                Err(e) => return Err(e),
+                Err(e) => return Err(CommitError::Uncertain(e)),
             }
         }
     }

@@ -119,8 +119,10 @@ async fn a_newer_producer_with_the_same_transactional_id_fences_the_older_one() 
         .commit(zombie_sends)
         .await
         .expect_err("a fenced producer must not commit");
+    let (eventlog::CommitError::Undelivered(kafka) | eventlog::CommitError::Uncertain(kafka)) =
+        &err;
     assert_eq!(
-        classify(&err),
+        classify(kafka),
         TxnErrorKind::Fatal,
         "fencing is fatal: {err}"
     );

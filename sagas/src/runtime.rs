@@ -18,12 +18,11 @@ use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use eventlog::group::{self, Change, Rebalances};
 use eventlog::rdkafka::consumer::{Consumer, StreamConsumer};
-use eventlog::rdkafka::error::KafkaError;
 use eventlog::rdkafka::message::{Message, OwnedMessage};
 use eventlog::rdkafka::{Offset, TopicPartitionList};
 use eventlog::{
-    classify, partition_for, read_partition, CommandEnvelope, CommandResult, EventEnvelope,
-    EventMetadata, KafkaConfig, ReplyTo, Topics, TxnErrorKind, TxnProducer,
+    classify, partition_for, read_partition, CommandEnvelope, CommandResult, CommitError,
+    EventEnvelope, EventMetadata, KafkaConfig, ReplyTo, Topics, TxnErrorKind, TxnProducer,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -209,6 +208,14 @@ impl Worker {
             shared.config.kafka.topic_prefix
         );
         let producer = TxnProducer::new(&shared.config.kafka, &txn_id).await?;
+        // Fenced: the previous owner can commit nothing more, so the group's committed
+        // offsets are final now — start from them, not from what assignment fetched.
+        let topics = [shared.topics.events("order"), shared.topics.saga_inbox()];
+        let consumer = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            group::seek_to_committed(&consumer.consumer, &topics, partition)
+        })
+        .await??;
         let sagas = rebuild(&shared, partition).await?;
         let deadlines = sagas
             .iter()
@@ -364,9 +371,16 @@ impl Worker {
                     }
                     return Ok(());
                 }
+                // Aborting a commit of unknown outcome and running the step again would
+                // send its commands and saga events twice if the commit went through.
+                Err(err) if CommitError::is_uncertain(&err) => {
+                    return Err(err.context(format!(
+                        "saga partition {}: the commit's outcome is unknown; the orchestrator restarts and the log decides",
+                        self.partition
+                    )))
+                }
                 Err(err) => {
-                    let kind = err
-                        .downcast_ref::<KafkaError>()
+                    let kind = CommitError::kafka_error(&err)
                         .map(classify)
                         .unwrap_or(TxnErrorKind::Fatal);
                     if kind == TxnErrorKind::Fatal || attempt >= MAX_ATTEMPTS {
@@ -510,7 +524,10 @@ impl Worker {
             self.producer.abort().await?;
             return Ok(staged);
         }
-        self.producer.commit(sends).await?;
+        self.producer
+            .commit(sends)
+            .await
+            .map_err(anyhow::Error::new)?;
         self.shared.status.metrics.transaction();
         Ok(staged)
     }

@@ -428,8 +428,10 @@ async fn a_fenced_processor_commits_nothing_and_its_successor_rebuilds_and_answe
         .commit(vec![send])
         .await
         .expect_err("the usurper was fenced by the restarted processor");
+    let (eventlog::CommitError::Undelivered(kafka) | eventlog::CommitError::Uncertain(kafka)) =
+        &err;
     assert_eq!(
-        eventlog::classify(&err),
+        eventlog::classify(kafka),
         eventlog::TxnErrorKind::Fatal,
         "{err:?}"
     );
