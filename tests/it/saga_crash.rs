@@ -41,6 +41,24 @@ fn orchestrator(prefix: &str, log: &std::path::Path) -> Child {
         .expect("starting a tally saga orchestrator")
 }
 
+/// Waits until `log` shows `count` orchestrator starts: a kill "under load" is meant for
+/// a running orchestrator, not one still starting up.
+async fn started(log: &std::path::Path, count: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("saga orchestrator started")
+        .count()
+        < count
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "orchestrator {count} never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn kill(child: &mut Child) {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -165,6 +183,8 @@ async fn a_saga_orchestrator_killed_between_any_two_steps_resumes_without_loss_o
     // And at random moments under load.
     let mut more = Vec::new();
     for round in 0..3 {
+        // One orchestrator first, then one more after each of the four kills above.
+        started(&log, 5 + round as usize).await;
         for _ in 0..8 {
             more.push(place(&front).await);
         }
