@@ -479,6 +479,10 @@ async fn a_checkpoint_past_the_end_of_the_log_stops_the_projector_without_skippi
     let message = orders["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("offset 1000"), "{orders}");
     assert_eq!(orders["error"]["transient"], false, "{orders}");
+    assert!(
+        orders["lag"].as_i64().unwrap_or_default() > 0,
+        "a checkpoint past the end is not a lag of 0: {orders}"
+    );
     // More events arrive; the checkpoint stays where it was (no jump to the end), while
     // the journal, reading the same topic, takes them in.
     for i in 0..4 {
@@ -488,4 +492,60 @@ async fn a_checkpoint_past_the_end_of_the_log_stops_the_projector_without_skippi
     assert_eq!(checkpoint().await.unwrap(), 1000);
     assert_eq!(status_of(&app, "orders").await["status"], "failed");
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpoint_past_the_end_stops_the_projector_while_another_partition_is_busy() {
+    let prefix = new_prefix();
+    let app = TestApp::start(&prefix).await;
+    for i in 0..40 {
+        create_order(&app, &format!("busy-{i}")).await;
+    }
+    status_until(&app, "orders", Duration::from_secs(30), |s| s["lag"] == 0).await;
+    app.stop().await;
+
+    // Partition 0 past its end; partition 1 read again from 0, so that it has records
+    // waiting when the consumer learns about partition 0 (one report, then nothing).
+    let topic = format!("{prefix}.order.events");
+    let pool = PgPool::connect(&database_for(&prefix).await).await.unwrap();
+    sqlx::query(
+        "UPDATE projection_checkpoints SET next_offset = CASE partition WHEN 0 THEN 1000 ELSE 0 END
+         WHERE projection = 'orders' AND topic = $1",
+    )
+    .bind(&topic)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let app = Arc::new(TestApp::start(&prefix).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                app.post("/v1/orders", new_order(&format!("more-{i}")).1, &[])
+                    .await;
+                i += 1;
+            }
+        })
+    };
+    let orders = status_until(&app, "orders", Duration::from_secs(30), |s| {
+        s["status"] == "failed"
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    busy.await.unwrap();
+    let message = orders["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("/0 at offset 1000"), "{orders}");
+    assert!(orders["lag"].as_i64().unwrap_or_default() > 0, "{orders}");
+    let at: i64 = sqlx::query_scalar(
+        "SELECT next_offset FROM projection_checkpoints WHERE projection = 'orders' AND topic = $1 AND partition = 0",
+    )
+    .bind(&topic)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(at, 1000, "no jump to an end");
+    Arc::try_unwrap(app).ok().unwrap().stop().await;
 }
