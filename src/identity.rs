@@ -24,7 +24,8 @@ const WHAT_TO_DO: &str = "To start the read side over on this log, stop every ta
 
 /// Checks that the database's read side of `kafka.topic_prefix` belongs to `current`, or
 /// adopts it for `current` when it has no record of its log yet and nothing in it points
-/// past the end of this log. Refuses otherwise, saying what happened and what to do.
+/// past the end of this log. Refuses otherwise ([`Refused`]), saying what happened and
+/// what to do; any other error is Kafka or PostgreSQL not answering (worth a retry).
 pub async fn check(
     pool: &PgPool,
     kafka: &KafkaConfig,
@@ -39,14 +40,15 @@ pub async fn check(
     }
     let beyond = checkpoints_beyond_the_end(pool, kafka).await?;
     if !beyond.is_empty() {
-        anyhow::bail!(
+        return Err(Refused(format!(
             "this database holds read models of another Kafka log: it has no record of the log \
              it was built from (it predates log identities), and its checkpoints point past the \
              end of the log at {} (topic prefix '{prefix}', {current}): {}. Serving it would mix \
              two histories and answer reads with consistency tokens too early. {WHAT_TO_DO}.",
             kafka.brokers,
             beyond.join("; "),
-        );
+        ))
+        .into());
     }
     sqlx::query(
         "INSERT INTO log_identity (topic_prefix, cluster_id, log_id) VALUES ($1, $2, $3)
@@ -70,16 +72,29 @@ pub async fn check(
     }
 }
 
+/// [`check`]'s refusal of a database built from another log: an answer, not a failure to
+/// get one, so start-up does not retry it.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 fn another_log(kafka: &KafkaConfig, stored: &LogIdentity, current: &LogIdentity) -> anyhow::Error {
-    anyhow::anyhow!(
+    Refused(format!(
         "this database holds read models of another Kafka log: the read side of topic prefix \
          '{}' was built from {stored}, but the brokers at {} now hold {current}. The Kafka data \
          was probably deleted and created afresh (e.g. `.data/kafka` removed), or \
          DATABASE_URL and --kafka-brokers point at different deployments. Serving it would \
          mix two histories and answer reads with consistency tokens too early. {WHAT_TO_DO}.",
-        kafka.topic_prefix,
-        kafka.brokers,
-    )
+        kafka.topic_prefix, kafka.brokers,
+    ))
+    .into()
 }
 
 async fn stored(pool: &PgPool, prefix: &str) -> anyhow::Result<Option<LogIdentity>> {
@@ -152,8 +167,9 @@ pub struct ResetSummary {
     pub tables: Vec<(&'static str, i64)>,
     /// Checkpoints deleted (every projection's, replays' included).
     pub checkpoints: u64,
-    /// Idempotency keys deleted.
-    pub idempotency_keys: u64,
+    /// Idempotency keys deleted; `None` when they were kept, the read side already
+    /// belonging to this log (see [`reset`]).
+    pub idempotency_keys: Option<u64>,
     /// The log the read side now belongs to.
     pub identity: LogIdentity,
 }
@@ -169,15 +185,30 @@ impl fmt::Display for ResetSummary {
             "  projection_checkpoints: {} deleted (the projectors rebuild from offset 0)",
             self.checkpoints
         )?;
-        writeln!(f, "  idempotency_keys: {} deleted", self.idempotency_keys)?;
+        match self.idempotency_keys {
+            Some(deleted) => writeln!(
+                f,
+                "  idempotency_keys: {deleted} deleted (they belonged to another log, or to none recorded)"
+            )?,
+            None => writeln!(
+                f,
+                "  idempotency_keys: kept (the read side already belonged to this log, whose commands \
+                 they stand for: a retry with the same key must not apply its command again)"
+            )?,
+        }
         write!(f, "the read side now belongs to {}", self.identity)
     }
 }
 
-/// Empties the read side of this database for `current`: every read-model table, every
-/// checkpoint (they describe the emptied tables, whichever prefix wrote them) and every
-/// idempotency key, and records `current` as the log of `kafka.topic_prefix`. One
-/// transaction: it all happens or none of it.
+/// Empties the read side of this database for `current`: every read-model table and every
+/// checkpoint (they describe the emptied tables, whichever prefix wrote them), and records
+/// `current` as the log of `kafka.topic_prefix`. One transaction: it all happens or none
+/// of it.
+///
+/// The idempotency keys go only when the recorded log is missing or another: a key maps
+/// to a command id, and the command processors dedupe by that id against the log. On the
+/// same log a command answered 503 may well have been applied; its retry with the same
+/// key must find the key (and the same command id), not get a fresh id and apply twice.
 pub async fn reset(
     pool: &PgPool,
     kafka: &KafkaConfig,
@@ -193,17 +224,31 @@ pub async fn reset(
         .execute(&mut *tx)
         .await
         .context("locking the checkpoints")?;
+    let recorded: Option<(String, Uuid)> = sqlx::query_as(
+        "SELECT cluster_id, log_id FROM log_identity WHERE topic_prefix = $1 FOR UPDATE",
+    )
+    .bind(&kafka.topic_prefix)
+    .fetch_optional(&mut *tx)
+    .await
+    .context("reading the log identity")?;
+    let same_log =
+        recorded.is_some_and(|(cluster_id, log_id)| LogIdentity { cluster_id, log_id } == *current);
     let tables = empty_read_models(&mut tx).await?;
     let checkpoints = sqlx::query("DELETE FROM projection_checkpoints")
         .execute(&mut *tx)
         .await
         .context("deleting the checkpoints")?
         .rows_affected();
-    let idempotency_keys = sqlx::query("DELETE FROM idempotency_keys")
-        .execute(&mut *tx)
-        .await
-        .context("deleting the idempotency keys")?
-        .rows_affected();
+    let idempotency_keys = if same_log {
+        None
+    } else {
+        let deleted = sqlx::query("DELETE FROM idempotency_keys")
+            .execute(&mut *tx)
+            .await
+            .context("deleting the idempotency keys")?
+            .rows_affected();
+        Some(deleted)
+    };
     sqlx::query(
         "INSERT INTO log_identity (topic_prefix, cluster_id, log_id) VALUES ($1, $2, $3)
          ON CONFLICT (topic_prefix) DO UPDATE
@@ -223,7 +268,7 @@ pub async fn reset(
         idempotency_keys,
         identity: current.clone(),
     };
-    info!(prefix = %summary.prefix, log = %current, checkpoints, idempotency_keys, "read side reset");
+    info!(prefix = %summary.prefix, log = %current, checkpoints, idempotency_keys_deleted = ?idempotency_keys, "read side reset");
     Ok(summary)
 }
 

@@ -64,20 +64,40 @@ pub struct AppState {
 /// runs the read-model migrations, and refuses a database whose read side belongs to
 /// another Kafka log (see [`identity::check`]).
 pub async fn prepare(common: &CommonArgs) -> anyhow::Result<AppState> {
-    let (state, log) = open(common).await?;
-    identity::check(&state.pool, &state.kafka, &log).await?;
+    let (state, log, deadline) = open(common).await?;
+    // Under the start-up deadline like the rest, and retried: a broker or database blip
+    // right now is not a reason to fail. A refusal is an answer, and final.
+    let deadline = deadline.max(Instant::now() + IDENTITY_CHECK_AT_LEAST);
+    let (pool, kafka, current) = (&state.pool, &state.kafka, &log);
+    let checked = retry_until(deadline, "the log identity check", || async move {
+        let check = identity::check(pool, kafka, current);
+        match tokio::time::timeout_at(deadline, check).await {
+            Ok(Err(e)) if e.downcast_ref::<identity::Refused>().is_some() => Ok(Err(e)),
+            Ok(result) => result.map(Ok),
+            Err(_) => Err(anyhow::anyhow!(
+                "Kafka or PostgreSQL did not answer before the start-up deadline"
+            )),
+        }
+    })
+    .await?;
+    checked?;
     Ok(state)
 }
 
-/// `tally reset-read-side`: empties this database's read models, checkpoints and
-/// idempotency keys, and records the current Kafka log as theirs (see [`identity::reset`]).
+/// The least time the log identity check gets, however long the rest of start-up took.
+const IDENTITY_CHECK_AT_LEAST: Duration = Duration::from_secs(15);
+
+/// `tally reset-read-side`: empties this database's read models and checkpoints (and its
+/// idempotency keys, unless the read side belonged to this log already), and records the
+/// current Kafka log as theirs (see [`identity::reset`]).
 pub async fn reset_read_side(common: &CommonArgs) -> anyhow::Result<identity::ResetSummary> {
-    let (state, log) = open(common).await?;
+    let (state, log, _) = open(common).await?;
     identity::reset(&state.pool, &state.kafka, &log).await
 }
 
-/// What [`prepare`] does before the identity check; answers the log's identity too.
-async fn open(common: &CommonArgs) -> anyhow::Result<(AppState, eventlog::LogIdentity)> {
+/// What [`prepare`] does before the identity check; answers the log's identity and the
+/// start-up deadline too.
+async fn open(common: &CommonArgs) -> anyhow::Result<(AppState, eventlog::LogIdentity, Instant)> {
     let kafka = common.kafka();
     let deadline = Instant::now() + common.startup_timeout();
 
@@ -90,7 +110,7 @@ async fn open(common: &CommonArgs) -> anyhow::Result<(AppState, eventlog::LogIde
         &Topics::new(&kafka.topic_prefix).all(&STREAMS, &kafka),
     )
     .await?;
-    let log = eventlog::log_identity(&kafka).await?;
+    let log = retry_until(deadline, "Kafka", || eventlog::log_identity(&kafka)).await?;
     info!(brokers = %kafka.brokers, prefix = %kafka.topic_prefix, partitions = kafka.partitions, %log, "kafka ready, topics in place");
 
     let options = common
@@ -121,7 +141,7 @@ async fn open(common: &CommonArgs) -> anyhow::Result<(AppState, eventlog::LogIde
         projector_pool,
         readiness,
     };
-    Ok((state, log))
+    Ok((state, log, deadline))
 }
 
 async fn retry_until<T, F, Fut>(deadline: Instant, what: &str, mut attempt: F) -> anyhow::Result<T>

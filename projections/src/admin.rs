@@ -73,7 +73,8 @@ pub struct ProjectionStatus {
     /// `running`, `replaying` or `failed`. A transient error (a database or broker
     /// briefly away) is retried while the status stays `running`.
     pub status: &'static str,
-    /// Records behind the log.
+    /// Records behind the log. A checkpoint past the end of its partition counts by how
+    /// far past it is (the status is then `failed`), never as 0.
     pub lag: i64,
     pub replay: Option<ReplayStatus>,
     /// Records applied by this process.
@@ -82,6 +83,15 @@ pub struct ProjectionStatus {
     pub dead_letters: u64,
     /// What is wrong now; null when nothing is.
     pub error: Option<Fault>,
+}
+
+/// How far a projection is from the end of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lag {
+    /// Records between its checkpoints and the ends of their partitions, either way.
+    pub records: i64,
+    /// Its checkpoints past the end of their partition, described.
+    pub beyond: Vec<String>,
 }
 
 /// Every projection's state.
@@ -173,7 +183,7 @@ impl Admin {
                             .metrics
                             .lag
                             .get_or_create(&ProjectionMetrics::label(kind))
-                            .set(lag);
+                            .set(lag.records);
                     }
                 }
                 tokio::select! {
@@ -199,7 +209,24 @@ impl Admin {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let live = state.health.state();
+        let lag = self.current_lag(kind).await;
+        let mut live = state.health.state();
+        if live.is_none() && !lag.beyond.is_empty() {
+            // Its projector may not know (librdkafka reports such a checkpoint once) or
+            // may run in another process: say it, rather than a lag of 0.
+            live = Some((
+                Fault {
+                    message: format!(
+                        "checkpoint past the end of the log: {}; the {} projector cannot read on from there (replay it, or correct the checkpoint)",
+                        lag.beyond.join(", "),
+                        kind.name()
+                    ),
+                    since: crate::rfc3339(Utc::now()),
+                    transient: false,
+                },
+                false,
+            ));
+        }
         let status = match (&replay, &live) {
             (Some(_), _) => "replaying",
             (None, Some((fault, stopped))) if *stopped || !fault.transient => "failed",
@@ -213,7 +240,7 @@ impl Admin {
         ProjectionStatus {
             name: kind.name(),
             status,
-            lag: self.current_lag(kind).await,
+            lag: lag.records,
             replay: replay.map(|r| ReplayStatus {
                 processed: r.processed.load(Ordering::Relaxed),
                 total: r.total,
@@ -225,9 +252,10 @@ impl Admin {
         }
     }
 
-    /// The lag of the live projection now, or the last one known while Kafka or the
-    /// database does not answer (the status must answer then, above all).
-    async fn current_lag(&self, kind: Kind) -> i64 {
+    /// The lag of the live projection now (and its checkpoints past the end of the log),
+    /// or the last lag known and nothing else while Kafka or the database does not answer
+    /// (the status must answer then, above all).
+    async fn current_lag(&self, kind: Kind) -> Lag {
         let gauge = self
             .projectors
             .metrics
@@ -237,21 +265,39 @@ impl Admin {
         let lag = tokio::time::timeout(Duration::from_secs(3), self.lag(kind, kind.name()));
         match lag.await {
             Ok(Ok(lag)) => {
-                gauge.set(lag);
+                gauge.set(lag.records);
                 lag
             }
-            _ => gauge.get(),
+            _ => Lag {
+                records: gauge.get(),
+                beyond: Vec::new(),
+            },
         }
     }
 
-    /// Records behind: each partition's end minus its checkpoint, summed.
-    pub async fn lag(&self, kind: Kind, checkpoint: &str) -> anyhow::Result<i64> {
-        let ends = crate::replay::ends(&self.projectors, kind).await?;
+    /// Records between each partition's checkpoint and its end, summed. A checkpoint past
+    /// the end counts by how far it is past (it is never 0 then), and is named in
+    /// [`Lag::beyond`]. The checkpoints are read before the ends, so a projector moving
+    /// on in between never looks past the end.
+    pub async fn lag(&self, kind: Kind, checkpoint: &str) -> anyhow::Result<Lag> {
         let at = self.projectors.stored_checkpoints(kind, checkpoint).await?;
-        Ok(ends
-            .iter()
-            .map(|(tp, end)| (end - at.get(tp).copied().unwrap_or(0)).max(0))
-            .sum())
+        let ends = crate::replay::ends(&self.projectors, kind).await?;
+        let mut ends: Vec<_> = ends.into_iter().collect();
+        ends.sort();
+        let mut lag = Lag {
+            records: 0,
+            beyond: Vec::new(),
+        };
+        for ((topic, partition), end) in ends {
+            let at = at.get(&(topic.clone(), partition)).copied().unwrap_or(0);
+            lag.records += (end - at).abs();
+            if at > end {
+                lag.beyond.push(format!(
+                    "{topic}/{partition} at offset {at} (the log ends at {end})"
+                ));
+            }
+        }
+        Ok(lag)
     }
 
     /// Starts a replay of `kind` in the background, unless one runs already in this

@@ -104,6 +104,10 @@ async fn move_checkpoints(
     from: &Positions,
     to: &Positions,
 ) -> anyhow::Result<()> {
+    // In (topic, partition) order, the order a replay's swap locks them in: the two never
+    // deadlock.
+    let mut to: Vec<_> = to.iter().collect();
+    to.sort();
     for ((topic, partition), next) in to {
         let old = from.get(&(topic.clone(), *partition)).copied().unwrap_or(0);
         if *next == old {

@@ -56,7 +56,8 @@ pub struct ProjectionLabels {
 pub struct ProjectionMetrics {
     pub applied: Family<ProjectionLabels, Counter>,
     pub dead_letters: Family<ProjectionLabels, Counter>,
-    /// Records behind the log, refreshed every few seconds by the admin.
+    /// Records behind the log (a checkpoint past the end counts by how far past it is),
+    /// refreshed every few seconds by the admin.
     pub lag: Family<ProjectionLabels, Gauge>,
     /// Live projectors running in this process: 1 each, 0 while a replay swaps or after
     /// a stop; never 2.

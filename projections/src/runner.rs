@@ -101,43 +101,51 @@ pub async fn run(
         consumer: consumer(ctx, target, &positions)?,
         streams: ctx.streams(kind),
     };
+    // It has read its checkpoints and holds its partitions: an error from before (e.g.
+    // the checkpoints unreadable at the last start) is no longer true.
+    target.health.ok();
     // Set while the consumer reports errors (a broker away), until it is back.
     let mut kafka_away: Option<Backoff> = None;
     loop {
         if target.reached_end(&positions) {
             return Ok(());
         }
-        let batch = tokio::select! {
+        let (batch, error) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             batch = next_batch(&run.consumer) => batch,
         };
-        let batch = match batch {
-            Ok(batch) => batch,
-            Err(e) if is_out_of_range(&e) => return Err(out_of_range(ctx, kind, &positions).await),
-            Err(e) => {
-                // librdkafka reconnects by itself; a later fetch carries on.
-                let transient = is_transient_kafka(&e);
-                warn!(projection = kind.name(), transient, error = %e, "reading events failed; waiting for the broker");
-                target
-                    .health
-                    .failing(format!("reading events: {e}"), transient);
-                if !kafka_away
-                    .get_or_insert_with(Backoff::default)
-                    .wait(transient, shutdown)
-                    .await
-                {
-                    return Ok(());
-                }
-                continue;
-            }
-        };
-        if kafka_away.is_some() && (!batch.is_empty() || broker_back(ctx, kind).await) {
+        if error.is_none()
+            && kafka_away.is_some()
+            && (!batch.is_empty() || broker_back(ctx, kind).await)
+        {
             kafka_away = None;
             target.health.ok();
         }
-        match run.apply(&batch, &positions).await? {
-            Some(moved) => positions = moved,
-            None => return Ok(()),
+        // The records read before an error are applied first: the error may be the only
+        // word about another partition (librdkafka reports a checkpoint outside the log
+        // once, then stops fetching that partition), so it is never dropped either.
+        if !batch.is_empty() || error.is_none() {
+            match run.apply(&batch, &positions).await? {
+                Some(moved) => positions = moved,
+                None => return Ok(()),
+            }
+        }
+        let Some(e) = error else { continue };
+        if is_out_of_range(&e) {
+            return Err(out_of_range(ctx, kind, &positions).await);
+        }
+        // librdkafka reconnects by itself; a later fetch carries on.
+        let transient = is_transient_kafka(&e);
+        warn!(projection = kind.name(), transient, error = %e, "reading events failed; waiting for the broker");
+        target
+            .health
+            .failing(format!("reading events: {e}"), transient);
+        if !kafka_away
+            .get_or_insert_with(Backoff::default)
+            .wait(transient, shutdown)
+            .await
+        {
+            return Ok(());
         }
     }
 }
@@ -273,9 +281,10 @@ fn past_markers(
 
 /// Waits for a first record (up to 250 ms), then takes what else arrives without a 2 ms
 /// gap, for at most [`MAX_GATHER`]: batches stay large under load without holding records
-/// back (under a steady stream a gap may never come). A consumer error ends the batch
-/// early; it is answered only when no records came before it.
-async fn next_batch(consumer: &StreamConsumer) -> Result<Vec<OwnedMessage>, KafkaError> {
+/// back (under a steady stream a gap may never come). A consumer error ends the batch and
+/// comes back with the records read before it: the caller applies them, then deals with
+/// the error (it may concern another partition, and may never be reported again).
+async fn next_batch(consumer: &StreamConsumer) -> (Vec<OwnedMessage>, Option<KafkaError>) {
     let mut batch = Vec::new();
     let mut wait = Duration::from_millis(250);
     let mut gathered_by = tokio::time::Instant::now() + wait;
@@ -283,9 +292,7 @@ async fn next_batch(consumer: &StreamConsumer) -> Result<Vec<OwnedMessage>, Kafk
         let until = gathered_by.min(tokio::time::Instant::now() + wait);
         match tokio::time::timeout_at(until, consumer.recv()).await {
             Ok(Ok(m)) => batch.push(m.detach()),
-            Ok(Err(e)) if batch.is_empty() => return Err(e),
-            // Applied first; a lasting error comes back on the next read.
-            Ok(Err(_)) => break,
+            Ok(Err(e)) => return (batch, Some(e)),
             Err(_) => break,
         }
         if batch.len() == 1 {
@@ -293,7 +300,7 @@ async fn next_batch(consumer: &StreamConsumer) -> Result<Vec<OwnedMessage>, Kafk
             wait = Duration::from_millis(2);
         }
     }
-    Ok(batch)
+    (batch, None)
 }
 
 /// Whether the broker answers again (after a consumer error, while idle): one quick

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::common::{new_prefix, order_body, TestApp};
+use crate::common::{events_of, new_prefix, order_body, TestApp};
 use eventlog::rdkafka::admin::{AdminClient, AdminOptions};
 use eventlog::rdkafka::client::DefaultClientContext;
 use eventlog::rdkafka::consumer::{BaseConsumer, Consumer};
@@ -97,10 +97,16 @@ async fn a_database_built_from_another_log_is_refused_until_the_read_side_is_res
     // Start over on a new log: same database, the prefix's topics created afresh.
     delete_topics(&kafka).await;
     let (common, _) = crate::common::args(&prefix, 2, "api,commands,projections", &[]).await;
+    let started = std::time::Instant::now();
     let err = tally::prepare(&common)
         .await
         .err()
         .expect("a database built from another log is refused");
+    assert!(
+        started.elapsed() < common.startup_timeout() / 2,
+        "a refusal is an answer, not retried until the start-up deadline ({:?})",
+        started.elapsed()
+    );
     let message = format!("{err:#}");
     assert!(message.contains("another Kafka log"), "{message}");
     assert!(message.contains("tally reset-read-side"), "{message}");
@@ -109,6 +115,10 @@ async fn a_database_built_from_another_log_is_refused_until_the_read_side_is_res
     let orders = summary.tables.iter().find(|(t, _)| *t == "orders").unwrap();
     assert_eq!(orders.1, 6, "{summary}");
     assert!(summary.checkpoints > 0, "{summary}");
+    assert!(
+        summary.idempotency_keys.is_some(),
+        "the keys of another log are deleted: {summary}"
+    );
     let current = eventlog::log_identity(&kafka).await.unwrap();
     assert_eq!(summary.identity, current);
 
@@ -204,4 +214,60 @@ async fn prepares_racing_on_a_fresh_prefix_agree_on_one_log_id() {
     assert_eq!(stored_log_id(&db, &prefix).await, Some(identity.log_id));
     // A later start on the same log still agrees.
     tally::prepare(&common).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resetting_the_read_side_of_the_same_log_keeps_the_idempotency_keys() {
+    let prefix = new_prefix();
+    let app = TestApp::start(&prefix).await;
+    let key = [("idempotency-key", "deposit-before-reset")];
+    let deposit = json!({ "amount_cents": 700 });
+    let first = app
+        .command_ok("/v1/accounts/dora/deposits", deposit.clone(), &key)
+        .await;
+    // The command was applied, but its answer never came back (a 503 command_timeout):
+    // the key has no answer, only the command id.
+    let (common, _) = crate::common::args(&prefix, 2, "api,commands,projections", &[]).await;
+    let db = pool(&common).await;
+    let lost = sqlx::query(
+        "UPDATE idempotency_keys SET status = NULL, body = NULL WHERE key = 'deposit-before-reset'",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    assert_eq!(lost.rows_affected(), 1);
+    app.stop().await;
+
+    // An operator resets the read side of the SAME log.
+    let summary = tally::reset_read_side(&common).await.unwrap();
+    assert_eq!(summary.idempotency_keys, None, "{summary}");
+    assert!(
+        summary.to_string().contains("idempotency_keys: kept"),
+        "{summary}"
+    );
+    let keys: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM idempotency_keys WHERE key = 'deposit-before-reset'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(keys, 1, "the key survives the reset");
+
+    // The client retries with the same key: the first command, not a second one.
+    let app = TestApp::start(&prefix).await;
+    let (status, again) = app.post("/v1/accounts/dora/deposits", deposit, &key).await;
+    assert_eq!(status, 201, "{again}");
+    assert_eq!(again, first, "the first outcome");
+    assert_eq!(
+        events_of(&app.kafka, "payment", "dora").await.len(),
+        1,
+        "applied once"
+    );
+    let balance = app
+        .eventually("/v1/accounts/dora", Duration::from_secs(30), |v| {
+            v["balance_cents"] == 700
+        })
+        .await;
+    assert_eq!(balance["balance_cents"], 700, "{balance}");
+    app.stop().await;
 }

@@ -1,9 +1,12 @@
 //! Projectors under faults, against the real Kafka and PostgreSQL: a database that drops
 //! their connections, records that can never apply, replays under steady traffic, two
-//! replays at once, a replay that fails, and a checkpoint outside the log.
+//! replays at once, a replay that fails, a replay beside a live projector it cannot stop,
+//! a replay that lost its lock, and a checkpoint outside the log (alone, or while another
+//! partition is busy).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::{database_for, new_prefix, order_body, TestApp};
@@ -479,6 +482,10 @@ async fn a_checkpoint_past_the_end_of_the_log_stops_the_projector_without_skippi
     let message = orders["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("offset 1000"), "{orders}");
     assert_eq!(orders["error"]["transient"], false, "{orders}");
+    assert!(
+        orders["lag"].as_i64().unwrap_or_default() > 0,
+        "a checkpoint past the end is not a lag of 0: {orders}"
+    );
     // More events arrive; the checkpoint stays where it was (no jump to the end), while
     // the journal, reading the same topic, takes them in.
     for i in 0..4 {
@@ -487,5 +494,263 @@ async fn a_checkpoint_past_the_end_of_the_log_stops_the_projector_without_skippi
     status_until(&app, "journal", Duration::from_secs(20), |s| s["lag"] == 0).await;
     assert_eq!(checkpoint().await.unwrap(), 1000);
     assert_eq!(status_of(&app, "orders").await["status"], "failed");
+    app.stop().await;
+}
+
+/// Parses `tally replay <projection>` for the app's prefix and database.
+async fn replay_args(app: &TestApp, projection: &str) -> tally::config::ReplayArgs {
+    let database = database_for(&app.kafka.topic_prefix).await;
+    let partitions = app.kafka.partitions.to_string();
+    let cli = tally::config::Cli::try_parse_from([
+        "tally",
+        "replay",
+        projection,
+        "--topic-prefix",
+        &app.kafka.topic_prefix,
+        "--partitions",
+        &partitions,
+        "--database-url",
+        &database,
+    ])
+    .unwrap();
+    let tally::config::Command::Replay(args) = cli.command else {
+        unreachable!("parsed replay")
+    };
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpoint_past_the_end_stops_the_projector_while_another_partition_is_busy() {
+    let prefix = new_prefix();
+    let app = TestApp::start(&prefix).await;
+    for i in 0..40 {
+        create_order(&app, &format!("busy-{i}")).await;
+    }
+    status_until(&app, "orders", Duration::from_secs(30), |s| s["lag"] == 0).await;
+    app.stop().await;
+
+    // Partition 0 past its end; partition 1 read again from 0, so that it has records
+    // waiting when the consumer learns about partition 0 (one report, then nothing).
+    let topic = format!("{prefix}.order.events");
+    let pool = PgPool::connect(&database_for(&prefix).await).await.unwrap();
+    sqlx::query(
+        "UPDATE projection_checkpoints SET next_offset = CASE partition WHEN 0 THEN 1000 ELSE 0 END
+         WHERE projection = 'orders' AND topic = $1",
+    )
+    .bind(&topic)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let app = Arc::new(TestApp::start(&prefix).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                app.post("/v1/orders", new_order(&format!("more-{i}")).1, &[])
+                    .await;
+                i += 1;
+            }
+        })
+    };
+    let orders = status_until(&app, "orders", Duration::from_secs(30), |s| {
+        s["status"] == "failed"
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    busy.await.unwrap();
+    let message = orders["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("/0 at offset 1000"), "{orders}");
+    assert!(orders["lag"].as_i64().unwrap_or_default() > 0, "{orders}");
+    let at: i64 = sqlx::query_scalar(
+        "SELECT next_offset FROM projection_checkpoints WHERE projection = 'orders' AND topic = $1 AND partition = 0",
+    )
+    .bind(&topic)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(at, 1000, "no jump to an end");
+    Arc::try_unwrap(app).ok().unwrap().stop().await;
+}
+
+/// The live checkpoints of `projection`, by (topic, partition).
+async fn live_checkpoints(pool: &PgPool, projection: &str) -> HashMap<(String, i32), i64> {
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT topic, partition, next_offset FROM projection_checkpoints WHERE projection = $1",
+    )
+    .bind(projection)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cli_replay_beside_a_running_server_never_moves_a_live_checkpoint_backwards() {
+    let app = Arc::new(TestApp::start(&new_prefix()).await);
+    for sku in ["W0", "W1", "W2", "W3"] {
+        app.restock(sku, 5, &[]).await;
+    }
+    status_until(&app, "inventory", Duration::from_secs(20), |s| {
+        s["lag"] == 0
+    })
+    .await;
+
+    // Every few milliseconds, the live checkpoints; any one lower than the time before
+    // is a checkpoint moved backwards.
+    let pool = database(&app).await;
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (pool, watching) = (pool.clone(), watching.clone());
+        tokio::spawn(async move {
+            let mut last: HashMap<(String, i32), i64> = HashMap::new();
+            let mut backwards = Vec::new();
+            while watching.load(Ordering::Relaxed) {
+                for (tp, at) in live_checkpoints(&pool, "inventory").await {
+                    if let Some(before) = last.insert(tp.clone(), at) {
+                        if at < before {
+                            backwards.push(format!("{tp:?}: {before} -> {at}"));
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            backwards
+        })
+    };
+
+    // The server's live projector keeps applying traffic throughout: a CLI replay
+    // cannot stop it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let hot = "HOT".to_string();
+    let clients: Vec<_> = (0..3)
+        .map(|_| traffic(app.clone(), hot.clone(), stop.clone()))
+        .collect();
+    // Each commit of the replay waits up to 700 ms (its checkpoint rows locked, released
+    // for a moment now and then), the final catch-up's too: meanwhile the live projector
+    // gets ahead of the ends the replay caught up to.
+    let throttling = Arc::new(AtomicBool::new(true));
+    let throttle = {
+        let (pool, throttling) = (pool.clone(), throttling.clone());
+        tokio::spawn(async move {
+            while throttling.load(Ordering::Relaxed) {
+                let Ok(mut tx) = pool.begin().await else {
+                    continue;
+                };
+                let _ = sqlx::query(
+                    "SELECT 1 FROM projection_checkpoints WHERE projection = 'inventory__replay'
+                     ORDER BY topic COLLATE \"C\", partition FOR UPDATE",
+                )
+                .execute(&mut *tx)
+                .await;
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                let _ = tx.rollback().await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let args = replay_args(&app, "inventory").await;
+    tokio::time::timeout(Duration::from_secs(120), tally::replay::run(&args))
+        .await
+        .expect("the CLI replay finishes")
+        .expect("the CLI replay succeeds");
+    throttling.store(false, Ordering::Relaxed);
+    throttle.await.unwrap();
+    // The traffic goes on a moment after the swap, then stops.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut restocks = 0;
+    for c in clients {
+        restocks += c.await.unwrap();
+    }
+    assert!(restocks > 0);
+    app.eventually("/v1/inventory/HOT", Duration::from_secs(20), |v| {
+        v["on_hand"] == restocks
+    })
+    .await;
+    status_until(&app, "inventory", Duration::from_secs(20), |s| {
+        s["lag"] == 0 && s["error"].is_null()
+    })
+    .await;
+    watching.store(false, Ordering::Relaxed);
+    let backwards = watcher.await.unwrap();
+    assert!(
+        backwards.is_empty(),
+        "live checkpoints moved backwards: {backwards:?}"
+    );
+    for sku in ["W0", "W1", "W2", "W3"] {
+        assert_eq!(
+            app.get_ok(&format!("/v1/inventory/{sku}"), &[]).await["on_hand"],
+            5
+        );
+    }
+    Arc::try_unwrap(app).ok().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_that_lost_its_lock_touches_no_table() {
+    use projections::admin::ReplayProgress;
+    use projections::replay::{replay, LockLost, ReplayLock};
+    use projections::{Kind, Progress, Projectors};
+
+    let app = TestApp::start(&new_prefix()).await;
+    let (id, token) = create_order(&app, "kept").await;
+    let view = format!("/v1/orders/{id}");
+    assert_eq!(
+        app.get(&view, &[("X-Consistency-Token", &token)]).await.0,
+        200
+    );
+    let pool = database(&app).await;
+    let projectors = Projectors::new(app.kafka.clone(), pool.clone(), Progress::default()).unwrap();
+
+    // Replay R1 holds the lock; its connection drops (a PostgreSQL restart, an
+    // idle_session_timeout, a TCP connection lost), which releases the lock.
+    let mut first = ReplayLock::try_acquire(&projectors, Kind::Orders)
+        .await
+        .unwrap()
+        .expect("the lock is free");
+    let pid = first.backend_pid().await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Replay R2 takes it and starts building its tables.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let second = loop {
+        if let Some(lock) = ReplayLock::try_acquire(&projectors, Kind::Orders)
+            .await
+            .unwrap()
+        {
+            break lock;
+        }
+        assert!(Instant::now() < deadline, "the lock was never released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    sqlx::query("CREATE TABLE orders__replay (LIKE orders INCLUDING ALL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let before = live_checkpoints(&pool, "orders").await;
+
+    // R1 goes on: it must stop, and touch neither R2's tables nor the live ones.
+    let progress = ReplayProgress::new();
+    let slot = Mutex::new(Some(progress.clone()));
+    let error = replay(&projectors, Kind::Orders, first, progress, &slot, None)
+        .await
+        .expect_err("a replay without its lock must not go on");
+    assert!(error.downcast_ref::<LockLost>().is_some(), "{error:#}");
+    assert!(format!("{error:#}").contains("lost its lock"), "{error:#}");
+    let replay_table: bool = sqlx::query_scalar("SELECT to_regclass('orders__replay') IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(replay_table, "R2's table is still there");
+    assert_eq!(live_checkpoints(&pool, "orders").await, before);
+    assert_eq!(app.get(&view, &[]).await.0, 200);
+    drop(second);
     app.stop().await;
 }
