@@ -25,8 +25,9 @@ pub enum Command {
     /// Rebuild one read model from offset 0 into new tables and swap them in, with a
     /// progress bar. Queries keep being served from the old tables meanwhile.
     Replay(ReplayArgs),
-    /// Empty this database's read side for the current Kafka log: every read-model table,
-    /// every projection checkpoint and every idempotency key; then record the log (Kafka's
+    /// Empty this database's read side for the current Kafka log: every read-model table
+    /// and every projection checkpoint (and the idempotency keys when the database
+    /// belongs to another log: on the same log they still guard retries); then record the log (Kafka's
     /// cluster id and the id in `<prefix>.meta`) as the one the read side belongs to. The
     /// projectors rebuild every view from offset 0 when they next start. For a database
     /// that start refuses because it was built from another log (e.g. after deleting
@@ -108,8 +109,8 @@ pub struct ReplayArgs {
 /// `tally reset-read-side` settings.
 #[derive(Debug, Clone, Args)]
 pub struct ResetArgs {
-    /// Confirms that the read models, checkpoints and idempotency keys in this database
-    /// are to be deleted; without it nothing is touched.
+    /// Confirms that the read models and checkpoints (and, for another log, the
+    /// idempotency keys) in this database are to be deleted; without it nothing is touched.
     #[arg(long)]
     pub yes: bool,
     #[command(flatten)]

@@ -54,8 +54,9 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = tally::telemetry::init(&args.common)?;
             anyhow::ensure!(
                 args.yes,
-                "this deletes every read model, projection checkpoint and idempotency key in \
-                 the database at --database-url, so that the projectors rebuild from offset 0 \
+                "this deletes every read model and projection checkpoint (and the idempotency \
+                 keys, when the database belongs to another log) in the database at \
+                 --database-url, so that the projectors rebuild from offset 0 \
                  of the log at --kafka-brokers (topic prefix '{}'). Stop every tally process \
                  of this prefix, then run again with --yes",
                 args.common.topic_prefix
