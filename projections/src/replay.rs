@@ -333,6 +333,9 @@ async fn checkpoints_in(
 }
 
 /// The live checkpoints ahead of the replay's, described.
+/// Longest the swap's final catch-up may hold the live checkpoint rows.
+const SWAP_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(120);
+
 fn ahead_of(live: &Positions, replayed: &Positions) -> Vec<String> {
     let mut ahead: Vec<String> = live
         .iter()
@@ -367,7 +370,16 @@ async fn swap(
 ) -> anyhow::Result<()> {
     let never = CancellationToken::new();
     let mut tx = lock.begin().await?;
-    let live = checkpoints_in(&mut tx, ctx, kind, kind.name(), true).await?;
+    let mut live = checkpoints_in(&mut tx, ctx, kind, kind.name(), true).await?;
+    // A live checkpoint past the end of the log is the broken value a replay is there to
+    // replace (a projector stopped out of range): catch up to the log's end, not to it.
+    let log_ends = ends(ctx, kind).await?;
+    for (tp, at) in live.iter_mut() {
+        if let Some(end) = log_ends.get(tp).filter(|end| *at > **end) {
+            warn!(projection = kind.name(), topic = %tp.0, partition = tp.1, live = *at, end, "live checkpoint past the end of the log; the replay's replaces it");
+            *at = *end;
+        }
+    }
     let mut replayed = checkpoints_in(&mut tx, ctx, kind, &target.checkpoint, false).await?;
     let ahead = ahead_of(&live, &replayed);
     if !ahead.is_empty() {
@@ -378,8 +390,11 @@ async fn swap(
             *end = (*end).max(*at);
         }
         target.until = Some(until);
-        runner::run(ctx, kind, target, &never)
+        // Live projectors wait on the rows this transaction holds: bounded, so a broker
+        // or database away now fails the replay (and frees them) instead of hanging.
+        tokio::time::timeout(SWAP_CATCH_UP, runner::run(ctx, kind, target, &never))
             .await
+            .map_err(|_| anyhow::anyhow!("the catch-up before the swap took over {SWAP_CATCH_UP:?}; nothing swapped, replay again"))?
             .context("catching up with a live projector ahead of the replay")?;
     }
     // The replay's checkpoints too, in the same order, before they are renamed (no runner

@@ -494,6 +494,21 @@ async fn a_checkpoint_past_the_end_of_the_log_stops_the_projector_without_skippi
     status_until(&app, "journal", Duration::from_secs(20), |s| s["lag"] == 0).await;
     assert_eq!(checkpoint().await.unwrap(), 1000);
     assert_eq!(status_of(&app, "orders").await["status"], "failed");
+
+    // What the status says to do works: a replay rebuilds the view and replaces the
+    // broken checkpoint (it does not wait for the log to reach offset 1000).
+    let (status, body) = app
+        .post("/v1/admin/projections/orders/replay", json!({}), &[])
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let orders = status_until(&app, "orders", Duration::from_secs(60), |s| {
+        s["status"] == "running" && s["replay"].is_null() && s["lag"] == 0
+    })
+    .await;
+    assert!(orders["error"].is_null(), "{orders}");
+    assert!(checkpoint().await.unwrap() < 1000);
+    let (status, _, _) = app.get(&format!("/v1/orders/{id}"), &[]).await;
+    assert_eq!(status, 200, "the order from before is in the rebuilt view");
     app.stop().await;
 }
 
