@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-/// The routes of API.md (../shared/API.md), method and path.
+/// The routes of the API contract (docs/api.md), method and path.
 const API_MD: [(&str, &str); 20] = [
     ("post", "/v1/orders"),
     ("post", "/v1/orders/{order_id}/lines"),
