@@ -432,11 +432,16 @@ impl CommandApi {
         command_id: Option<Uuid>,
     ) -> Response {
         let started = std::time::Instant::now();
-        let name = match &parsed {
-            Ok((_, command)) => match serde_json::to_value(command) {
-                Ok(value) => crate::metrics::command_name(&value),
+        // The command's JSON form, made once: for the metric's name and the envelope.
+        let parsed = match parsed {
+            Ok((id, command)) => match serde_json::to_value(&command) {
+                Ok(value) => Ok((id, value)),
                 Err(e) => return ApiError::internal(e).into_response(),
             },
+            Err(e) => Err(e),
+        };
+        let name = match &parsed {
+            Ok((_, command)) => crate::metrics::command_name(command),
             Err(_) => "invalid".to_string(),
         };
         let response = match self
@@ -459,7 +464,7 @@ impl CommandApi {
         &self,
         parts: &Parts,
         raw_body: &Value,
-        parsed: Parsed<A::Command>,
+        parsed: Parsed<Value>,
         command_id: Option<Uuid>,
     ) -> Result<CommandResult, ApiError> {
         let expected_version = if_match(&parts.headers)?;
@@ -502,7 +507,7 @@ impl CommandApi {
                 }
             }
         }
-        let (aggregate_id, command) = match parsed {
+        let (aggregate_id, mut command) = match parsed {
             Ok(parsed) => parsed,
             Err(rejected) => {
                 // A rule violation found before Kafka: the key's answer all the same.
@@ -520,7 +525,6 @@ impl CommandApi {
                 return Ok(result);
             }
         };
-        let mut command = serde_json::to_value(&command).map_err(ApiError::internal)?;
         let mut aggregate_id = aggregate_id;
         if derived && aggregate_id != OrderId(command_id).to_string() {
             // The key's first command id names the order: keep them in step.
