@@ -10,6 +10,9 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/tally /usr/local/bin/tally
+# The partition owners' local state stores (ADR 10); mount a volume here to restart fast.
+RUN mkdir -p /var/lib/tally/state && chown 10001 /var/lib/tally/state
+ENV TALLY_STATE_DIR=/var/lib/tally/state
 USER 10001
 EXPOSE 8080
 ENV TALLY_LISTEN=0.0.0.0:8080

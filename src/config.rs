@@ -34,6 +34,51 @@ pub enum Command {
     /// Kafka's data). Stop every tally process of this prefix first: a running API would
     /// keep answering from what it saw before.
     ResetReadSide(ResetArgs),
+    /// Fold every partition's events again into the processors' and sagas' state, and
+    /// write it to the state changelogs (superseding what they held), then exit. For a
+    /// state suspected wrong, or after a change of an aggregate's state that kept its
+    /// schema version. Stop the processes with the `commands` and `sagas` roles first:
+    /// this one must own every partition.
+    RebuildState(RebuildStateArgs),
+}
+
+/// Where and how much aggregate and saga state the owners of a process keep (ADR 10).
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// Directory of the local state stores (one small redb file per owned partition). A
+    /// cache: losing it costs a restore from the changelog topics, never correctness.
+    /// Give each process its own, on a persistent volume to restart fast.
+    #[arg(long, env = "TALLY_STATE_DIR", default_value = ".data/state")]
+    pub state_dir: std::path::PathBuf,
+    /// Aggregates (or sagas) kept decoded in memory per owned partition; the rest are read
+    /// from the local store when needed. Memory is bounded by this, not by history.
+    #[arg(long, env = "TALLY_STATE_CACHE_ENTRIES", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub state_cache_entries: u64,
+}
+
+impl StateArgs {
+    /// The owners' state settings for `log` (stores of another log are not trusted).
+    pub fn config(
+        &self,
+        log: &eventlog::LogIdentity,
+        rebuild: bool,
+    ) -> eventlog::state::StateConfig {
+        eventlog::state::StateConfig {
+            dir: self.state_dir.clone(),
+            cache_entries: self.state_cache_entries as usize,
+            log_id: format!("{}/{}", log.cluster_id, log.log_id),
+            rebuild,
+        }
+    }
+}
+
+/// `tally rebuild-state` settings.
+#[derive(Debug, Clone, Args)]
+pub struct RebuildStateArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 /// Settings every command needs: where Kafka and PostgreSQL are, and logging.
@@ -198,6 +243,8 @@ pub struct RunArgs {
     /// is the client (behind a proxy, every client then shares the proxy's allowance).
     #[arg(long, env = "TALLY_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    #[command(flatten)]
+    pub state: StateArgs,
 }
 
 /// A role of a Tally process.

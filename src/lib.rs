@@ -58,6 +58,8 @@ pub struct AppState {
     /// The projectors' own pool (opened lazily, so only processes that project use it).
     pub projector_pool: PgPool,
     pub readiness: Readiness,
+    /// Which log this is (ADR 7): local state stores of another log are thrown away.
+    pub log: eventlog::LogIdentity,
 }
 
 /// Waits (up to the start-up timeout) for Kafka and PostgreSQL, creates missing topics,
@@ -86,6 +88,94 @@ pub async fn prepare(common: &CommonArgs) -> anyhow::Result<AppState> {
 
 /// The least time the log identity check gets, however long the rest of start-up took.
 const IDENTITY_CHECK_AT_LEAST: Duration = Duration::from_secs(15);
+
+/// `tally rebuild-state`: owns every partition of every command stream and of the saga
+/// with `rebuild` set — each folds its events and seeds its changelog — then stops. It
+/// refuses to finish while another member of a group holds partitions.
+pub async fn rebuild_state(args: &config::RebuildStateArgs) -> anyhow::Result<()> {
+    let (state, log, _) = open(&args.common).await?;
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let (local, metrics) = (Local::default(), commands::Metrics::default());
+    let state_metrics = eventlog::state::StateMetrics::default();
+    let config = ProcessorConfig {
+        kafka: state.kafka.clone(),
+        dedup_window: Duration::from_secs(25 * 3600),
+        state: args.state.config(&log, true),
+    };
+    let mut owners = vec![
+        spawn_processor::<Order>(
+            &mut tasks,
+            &config,
+            &local,
+            &shutdown,
+            &metrics,
+            &state_metrics,
+        )
+        .1
+        .owner,
+        spawn_processor::<Inventory>(
+            &mut tasks,
+            &config,
+            &local,
+            &shutdown,
+            &metrics,
+            &state_metrics,
+        )
+        .1
+        .owner,
+        spawn_processor::<PaymentAccount>(
+            &mut tasks,
+            &config,
+            &local,
+            &shutdown,
+            &metrics,
+            &state_metrics,
+        )
+        .1
+        .owner,
+    ];
+    let sagas = SagaConfig {
+        kafka: state.kafka.clone(),
+        deadlines: Deadlines {
+            step: chrono::Duration::seconds(30),
+        },
+        state: args.state.config(&log, true),
+    };
+    owners.push(spawn_sagas(&mut tasks, sagas, &shutdown, &state_metrics).owner);
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let restoring: usize = owners
+            .iter()
+            .map(|o| o.restoring.load(std::sync::atomic::Ordering::SeqCst))
+            .sum();
+        let partitions = state.kafka.partitions as usize;
+        let all_owned = owners
+            .iter()
+            .all(|o| o.owned.load(std::sync::atomic::Ordering::SeqCst) == partitions);
+        if all_owned && owners.iter().all(|o| o.ready()) {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120) || all_owned,
+            "after 2 minutes this process still does not own every partition: stop every \
+             process with the commands or sagas role of this prefix, then run rebuild-state again"
+        );
+        info!(
+            restoring,
+            elapsed_s = started.elapsed().as_secs(),
+            "rebuilding state from the events"
+        );
+    }
+    info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "every owned partition's state rebuilt and its changelog seeded"
+    );
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
 
 /// `tally reset-read-side`: empties this database's read models and checkpoints (and its
 /// idempotency keys, unless the read side belonged to this log already), and records the
@@ -140,6 +230,7 @@ async fn open(common: &CommonArgs) -> anyhow::Result<(AppState, eventlog::LogIde
         pool,
         projector_pool,
         readiness,
+        log: log.clone(),
     };
     Ok((state, log, deadline))
 }
@@ -182,45 +273,64 @@ pub async fn run(
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = commands::Metrics::default();
     metrics.register(&mut registry);
+    let state_metrics = eventlog::state::StateMetrics::default();
+    state_metrics.register(&mut registry);
     let mut statuses = Vec::new();
     if settings.roles.contains(&Role::Commands) {
         let config = ProcessorConfig {
             kafka: state.kafka.clone(),
             dedup_window: Duration::from_secs(settings.dedup_window_secs),
+            state: settings.state.config(&state.log, false),
         };
         let wanted = |stream: &str| settings.command_streams.iter().any(|s| s == stream);
         if wanted(Order::STREAM) {
             statuses.push(spawn_processor::<Order>(
-                &mut tasks, &config, &local, &workers, &metrics,
+                &mut tasks,
+                &config,
+                &local,
+                &workers,
+                &metrics,
+                &state_metrics,
             ));
         }
         if wanted(Inventory::STREAM) {
             statuses.push(spawn_processor::<Inventory>(
-                &mut tasks, &config, &local, &workers, &metrics,
+                &mut tasks,
+                &config,
+                &local,
+                &workers,
+                &metrics,
+                &state_metrics,
             ));
         }
         if wanted(PaymentAccount::STREAM) {
             statuses.push(spawn_processor::<PaymentAccount>(
-                &mut tasks, &config, &local, &workers, &metrics,
+                &mut tasks,
+                &config,
+                &local,
+                &workers,
+                &metrics,
+                &state_metrics,
             ));
         }
     }
-    state.readiness.processors = statuses.clone();
+    state.readiness.processors = statuses
+        .iter()
+        .map(|(name, s)| (*name, s.owner.clone()))
+        .collect();
     if settings.roles.contains(&Role::Sagas) {
         let config = SagaConfig {
             kafka: state.kafka.clone(),
             deadlines: Deadlines {
                 step: chrono::Duration::milliseconds(settings.saga_step_timeout_ms as i64),
             },
+            state: settings.state.config(&state.log, false),
         };
-        let status = spawn_sagas(&mut tasks, config, &workers);
-        state.readiness.processors.push((
-            "saga",
-            ProcessorStatus {
-                rebuilding: status.rebuilding.clone(),
-                ..Default::default()
-            },
-        ));
+        let status = spawn_sagas(&mut tasks, config, &workers, &state_metrics);
+        state
+            .readiness
+            .processors
+            .push(("saga", status.owner.clone()));
         status.metrics.register(&mut registry);
     }
 
@@ -340,8 +450,12 @@ fn spawn_sagas(
     tasks: &mut JoinSet<()>,
     config: SagaConfig,
     shutdown: &CancellationToken,
+    state_metrics: &eventlog::state::StateMetrics,
 ) -> SagaRuntimeStatus {
-    let status = SagaRuntimeStatus::default();
+    let status = SagaRuntimeStatus {
+        state_metrics: state_metrics.clone(),
+        ..Default::default()
+    };
     let (handle, shutdown) = (status.clone(), shutdown.clone());
     tasks.spawn(async move {
         loop {
@@ -369,9 +483,11 @@ fn spawn_processor<A: CommandStream>(
     local: &Local,
     shutdown: &CancellationToken,
     metrics: &commands::Metrics,
+    state_metrics: &eventlog::state::StateMetrics,
 ) -> (&'static str, ProcessorStatus) {
     let status = ProcessorStatus {
         metrics: metrics.clone(),
+        state_metrics: state_metrics.clone(),
         ..Default::default()
     };
     let (config, local, shutdown, handle) = (

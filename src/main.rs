@@ -46,6 +46,10 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = tally::telemetry::init(&common)?;
             tally::prepare(&common).await.map(|_| ())
         }
+        Command::RebuildState(args) => {
+            let _telemetry = tally::telemetry::init(&args.common)?;
+            tally::rebuild_state(&args).await
+        }
         Command::Replay(args) => {
             let _telemetry = tally::telemetry::init(&args.common)?;
             tally::replay::run(&args).await

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::Json;
-use commands::ProcessorStatus;
+use eventlog::owner::OwnerStatus;
 use eventlog::rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -20,8 +20,9 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Readiness {
     pub kafka: Arc<BaseConsumer>,
     pub pool: PgPool,
-    /// The command processors of this process, whose partitions must be rebuilt.
-    pub processors: Vec<(&'static str, ProcessorStatus)>,
+    /// The partition owners of this process (command processors, saga): each must have
+    /// joined its group and restored every partition it owns.
+    pub processors: Vec<(&'static str, OwnerStatus)>,
     /// Set the moment a shutdown begins: `/readyz` answers 503 from then on.
     pub draining: Arc<AtomicBool>,
 }
@@ -33,11 +34,11 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// `GET /readyz`: `200` when Kafka and PostgreSQL answer and every owned partition has
-/// been rebuilt, else `503 not_ready` naming what failed.
+/// `GET /readyz`: `200` when Kafka and PostgreSQL answer and every owner has joined its
+/// group and restored the partitions it owns, else `503 not_ready` naming what failed.
 #[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "ops",
     responses(
-        (status = 200, description = "Kafka and PostgreSQL answer and owned partitions are rebuilt", body = Object),
+        (status = 200, description = "Kafka and PostgreSQL answer and owned partitions are restored", body = Object),
         (status = 503, description = "not ready (or shutting down); `details` says what failed", body = api::openapi::ErrorBody)
     ))]
 pub async fn readyz(State(ready): State<Readiness>) -> Result<Json<Value>, ApiError> {
@@ -50,15 +51,28 @@ pub async fn readyz(State(ready): State<Readiness>) -> Result<Json<Value>, ApiEr
         check_kafka(ready.kafka.clone()),
         check_postgres(&ready.pool)
     );
-    let rebuilding: usize = ready
+    let restoring: usize = ready
         .processors
         .iter()
-        .map(|(_, s)| s.rebuilding.load(Ordering::Relaxed))
+        .map(|(_, s)| s.restoring.load(Ordering::Relaxed))
         .sum();
-    let partitions = if rebuilding == 0 {
-        Ok(())
+    let joining: Vec<&str> = ready
+        .processors
+        .iter()
+        .filter(|(_, s)| !s.joined.load(Ordering::Relaxed))
+        .map(|(name, _)| *name)
+        .collect();
+    let partitions = if !joining.is_empty() {
+        Err(format!(
+            "not yet assigned partitions by the groups of {}",
+            joining.join(", ")
+        ))
+    } else if restoring > 0 {
+        Err(format!(
+            "{restoring} owned partitions still restoring their state"
+        ))
     } else {
-        Err(format!("{rebuilding} owned partitions still rebuilding"))
+        Ok(())
     };
     let checks = json!({
         "kafka": describe(&kafka),

@@ -110,11 +110,20 @@ impl Local {
             .insert((stream, partition), worker);
     }
 
-    pub(crate) fn remove_owner(&self, stream: &'static str, partition: i32) {
-        self.owners
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(stream, partition));
+    /// Withdraws `worker`'s registration (and no newer worker's).
+    pub(crate) fn remove_owner_if(
+        &self,
+        stream: &'static str,
+        partition: i32,
+        worker: &mpsc::Sender<Work>,
+    ) {
+        let mut owners = self.owners.write().unwrap_or_else(|p| p.into_inner());
+        if owners
+            .get(&(stream, partition))
+            .is_some_and(|w| w.same_channel(worker))
+        {
+            owners.remove(&(stream, partition));
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Senders> {

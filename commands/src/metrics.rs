@@ -45,7 +45,6 @@ pub struct Metrics {
     events: Family<StreamLabels, Counter>,
     transactions: Family<StreamLabels, Counter>,
     transaction_commands: Family<StreamLabels, Histogram, fn() -> Histogram>,
-    rebuilding: Family<StreamLabels, Gauge>,
     consumer_lag: Family<LagLabels, Gauge>,
 }
 
@@ -57,7 +56,6 @@ impl Default for Metrics {
             events: Family::default(),
             transactions: Family::default(),
             transaction_commands: Family::new_with_constructor(batch_sizes),
-            rebuilding: Family::default(),
             consumer_lag: Family::default(),
         }
     }
@@ -113,11 +111,6 @@ impl Metrics {
             "Commands per committed transaction",
             self.transaction_commands.clone(),
         );
-        registry.register(
-            "tally_partitions_rebuilding",
-            "Owned partitions still being rebuilt from the log",
-            self.rebuilding.clone(),
-        );
         registry.register("tally_consumer_lag", "Records behind the end of each owned partition, by consumer group (librdkafka statistics)", self.consumer_lag.clone());
     }
 
@@ -153,12 +146,6 @@ impl Metrics {
                 outcome: outcome(status).to_string(),
             })
             .observe(seconds);
-    }
-
-    pub(crate) fn set_rebuilding(&self, stream: &str, partitions: usize) {
-        self.rebuilding
-            .get_or_create(&Self::stream(stream))
-            .set(partitions as i64);
     }
 
     /// Records the consumer lag librdkafka reported for `group`'s partitions.

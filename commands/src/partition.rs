@@ -1,6 +1,8 @@
-//! One owned partition: fence older owners, rebuild its aggregates from the event log,
-//! then handle commands in batches, each batch ONE Kafka transaction of events, results
-//! and consumed offsets. In-memory state changes only after the commit.
+//! One owned partition of a command stream, on the partition-owner runtime
+//! (`eventlog::owner`): fence older owners, restore the partition's aggregates (local
+//! store + changelog, `eventlog::state`), then handle commands in batches, each batch ONE
+//! Kafka transaction of events, new aggregate states, results and consumed offsets. The
+//! cache and the local store change only after the commit.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -9,16 +11,16 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
-use eventlog::rdkafka::consumer::Consumer;
-use eventlog::rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
-use eventlog::rdkafka::{Offset, TopicPartitionList};
+use eventlog::owner::{after_failure, Partition};
+use eventlog::rdkafka::message::{BorrowedMessage, Message, OwnedHeaders, OwnedMessage};
+use eventlog::state::{self, Changed, PartitionState, RestoreSpec};
 use eventlog::{
-    classify, offset_for_time, read_partition, CommitError, Delivery, EventEnvelope, EventMetadata,
-    TxnErrorKind, TxnProducer,
+    offset_for_time, read_partition, CommitError, Delivery, EventEnvelope, EventMetadata,
+    TxnProducer,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -30,14 +32,17 @@ use eventlog::{ConsistencyToken, Position};
 
 /// Most commands in one transaction.
 const MAX_BATCH: usize = 1_000;
-/// Attempts at a batch whose transaction had to be aborted.
-const MAX_ATTEMPTS: u32 = 5;
 
-/// One aggregate in memory, with its version (the sequence of its last event).
-#[derive(Clone, Default)]
-struct Slot<A> {
-    state: A,
+/// One aggregate with its version (the sequence of its last event): what the cache holds
+/// and the changelog and local store keep as JSON.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(bound(
+    serialize = "A: Serialize",
+    deserialize = "A: serde::de::DeserializeOwned"
+))]
+pub(crate) struct Slot<A> {
     version: u64,
+    state: A,
 }
 
 /// How long a saga's commands are remembered. A saga's step commits its commands with
@@ -108,11 +113,26 @@ struct OwnerGuard {
     shared: Arc<Shared>,
     stream: &'static str,
     partition: i32,
+    me: mpsc::Sender<Work>,
 }
 
 impl Drop for OwnerGuard {
     fn drop(&mut self) {
-        self.shared.local.remove_owner(self.stream, self.partition);
+        // Only this worker's registration: a newer worker of the partition may have its own.
+        self.shared
+            .local
+            .remove_owner_if(self.stream, self.partition, &self.me);
+    }
+}
+
+/// An error after the batch's transaction committed: its commands are decided, so they
+/// are never handed on to another owner.
+#[derive(Debug)]
+struct AfterCommit;
+
+impl std::fmt::Display for AfterCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the batch committed, but recording it locally failed")
     }
 }
 
@@ -142,68 +162,91 @@ enum Outcome {
 
 pub(crate) struct PartitionWorker<A: CommandStream> {
     shared: Arc<Shared>,
+    owned: Partition,
     partition: i32,
     producer: TxnProducer,
-    aggregates: HashMap<String, Slot<A>>,
+    aggregates: PartitionState<Slot<A>>,
     seen: Seen,
 }
 
 impl<A: CommandStream> PartitionWorker<A> {
-    /// Fences the previous owner, rebuilds the partition's aggregates, then resumes the
-    /// command partition and serves it until the channel closes (partition revoked).
+    /// Fences the previous owner, restores the partition's aggregates, then resumes the
+    /// command partition and serves it until the partition is revoked.
     pub(crate) async fn run(
         shared: Arc<Shared>,
-        partition: i32,
+        mut owned: Partition,
         mut commands: mpsc::Receiver<Work>,
         me: mpsc::Sender<Work>,
-        revoked: CancellationToken,
     ) -> anyhow::Result<()> {
         let started = Instant::now();
+        let partition = owned.partition;
         let txn_id = format!("{}-{}-p{partition}", shared.kafka.topic_prefix, A::STREAM);
-        let producer = TxnProducer::new(&shared.kafka, &txn_id).await?;
-        // Fenced: the previous owner can commit nothing more, so the group's committed
-        // offset is final now — start from it, not from what assignment fetched (a
-        // retried commit of the old owner may have landed in between: its commands would
-        // be decided twice).
-        let topic = [shared.topics.commands(A::STREAM)];
-        let consumer = shared.clone();
-        tokio::task::spawn_blocking(move || {
-            eventlog::group::seek_to_committed(&consumer.consumer, &topic, partition)
-        })
-        .await??;
-        let aggregates = rebuild::<A>(&shared, partition).await?;
+        let Some(producer) = owned.fence(&shared.kafka, &txn_id).await? else {
+            info!(
+                stream = A::STREAM,
+                partition, "revoked before it was fenced; nothing to hand over"
+            );
+            return Ok(());
+        };
+        let topics = &shared.topics;
+        let restored = match state::restore(
+            RestoreSpec {
+                kafka: &shared.kafka,
+                config: &shared.state,
+                metrics: &shared.state_metrics,
+                stream: A::STREAM,
+                partition,
+                schema: A::STATE_SCHEMA,
+                changelog: topics.state(A::STREAM),
+                events: topics.events(A::STREAM),
+                revoked: &owned.revoked,
+            },
+            None,
+            fold::<A>,
+        )
+        .await
+        {
+            Err(_) if owned.revoked.is_cancelled() => return Ok(()),
+            restored => restored?,
+        };
+        let mut aggregates = restored.state;
+        if let Some(states) = restored.to_seed {
+            seed(&producer, &shared, partition, &mut aggregates, states).await?;
+        }
         let seen = recent_outcomes::<A>(&shared, partition).await?;
         info!(
             stream = A::STREAM,
             partition,
-            aggregates = aggregates.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "partition rebuilt; taking commands"
+            "partition restored; taking commands"
         );
+        if !owned.ready() {
+            info!(
+                stream = A::STREAM,
+                partition, "revoked while restoring; nothing to hand over"
+            );
+            return Ok(());
+        }
+        let revoked = owned.revoked.clone();
         let mut worker = Self {
             shared,
+            owned,
             partition,
             producer,
             aggregates,
             seen,
         };
-        if let Err(e) = worker.shared.resume(partition) {
-            // Revoked while rebuilding: the closed channel below ends this worker.
-            warn!(stream = A::STREAM, partition, error = %e, "could not resume the partition");
-        }
-        let left = worker
-            .shared
-            .rebuilding
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
-            - 1;
-        worker.shared.metrics.set_rebuilding(A::STREAM, left);
         // From now on the API of this process hands commands for this partition straight
         // here; the guard withdraws that when the worker ends, however it ends.
-        worker.shared.local.set_owner(A::STREAM, partition, me);
+        worker
+            .shared
+            .local
+            .set_owner(A::STREAM, partition, me.clone());
         let _owner = OwnerGuard {
             shared: worker.shared.clone(),
             stream: A::STREAM,
             partition,
+            me,
         };
 
         loop {
@@ -227,7 +270,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                 // the command topic to the next owner, unless the commit may have happened.
                 commands.close();
                 let mut unsent: Vec<Work> = Vec::new();
-                if !CommitError::is_uncertain(&err) {
+                if !CommitError::is_uncertain(&err) && err.downcast_ref::<AfterCommit>().is_none() {
                     unsent.extend(batch);
                 }
                 while let Ok(work) = commands.try_recv() {
@@ -258,14 +301,20 @@ impl<A: CommandStream> PartitionWorker<A> {
         loop {
             attempt += 1;
             match self.transact(batch).await {
-                Ok((staged, results, decided, events)) => {
-                    self.aggregates.extend(staged);
+                Ok((changed, next_changelog, results, decided, events)) => {
                     for (result, idempotent, keyed_over_http) in results {
                         self.shared.local.complete(&result);
                         if idempotent {
                             self.seen
                                 .insert(result, keyed_over_http, self.shared.dedup_window);
                         }
+                    }
+                    if let Some((next, events_next)) = next_changelog {
+                        // Committed already: a failure here restarts the owner, which
+                        // restores from the changelog, and hands nothing on.
+                        self.aggregates
+                            .committed(changed, next, events_next)
+                            .map_err(|e| e.context(AfterCommit))?;
                     }
                     self.shared
                         .metrics
@@ -278,36 +327,14 @@ impl<A: CommandStream> PartitionWorker<A> {
                     );
                     return Ok(());
                 }
-                // Aborting a commit of unknown outcome and deciding the batch again would
-                // append its events twice if the commit went through.
-                Err(err) if CommitError::is_uncertain(&err) => {
-                    return Err(err.context(format!(
-                        "{} partition {}: the commit's outcome is unknown; the processor restarts and the log decides",
-                        A::STREAM,
-                        self.partition
-                    )))
-                }
                 Err(err) => {
-                    let kind = CommitError::kafka_error(&err)
-                        .map(classify)
-                        .unwrap_or(TxnErrorKind::Fatal);
-                    if kind == TxnErrorKind::Fatal || attempt >= MAX_ATTEMPTS {
-                        return Err(err.context(format!(
-                            "{} partition {} gave up a batch of {} ({kind:?}); the processor restarts and rebuilds",
-                            A::STREAM,
-                            self.partition,
-                            batch.len()
-                        )));
-                    }
-                    warn!(stream = A::STREAM, partition = self.partition, attempt, error = %err, "transaction failed; aborting and retrying the batch");
-                    if let Err(abort) = self.producer.abort().await {
-                        if classify(&abort) == TxnErrorKind::Fatal {
-                            return Err(
-                                anyhow::Error::new(abort).context("aborting a failed transaction")
-                            );
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
+                    let what = format!(
+                        "{} partition {}: a batch of {}",
+                        A::STREAM,
+                        self.partition,
+                        batch.len()
+                    );
+                    after_failure(&self.producer, err, attempt, what).await?;
                 }
             }
         }
@@ -317,15 +344,16 @@ impl<A: CommandStream> PartitionWorker<A> {
     /// aggregates and results are returned for the caller to apply after the commit.
     #[allow(clippy::type_complexity)]
     async fn transact(
-        &self,
+        &mut self,
         batch: &[Work],
     ) -> anyhow::Result<(
-        HashMap<String, Slot<A>>,
+        Vec<Changed<Slot<A>>>,
+        Option<(i64, i64)>,
         Vec<(CommandResult, bool, bool)>,
         Vec<(String, u16)>,
         usize,
     )> {
-        let topics = &self.shared.topics;
+        let topics = self.shared.topics.clone();
         self.producer.begin().await?;
         let mut txn = Txn::default();
         let mut other_sends = Vec::new();
@@ -372,6 +400,34 @@ impl<A: CommandStream> PartitionWorker<A> {
             .into_iter()
             .map(|(_, offset)| offset)
             .collect();
+        // The new state of each aggregate changed, in the same transaction as its events.
+        let events_next = offsets
+            .last()
+            .map_or(self.aggregates.events_next(), |last| last + 1);
+        let changelog = topics.state(A::STREAM);
+        let mut changed = Vec::with_capacity(staged.len());
+        let mut state_sends = Vec::with_capacity(staged.len());
+        for (id, slot) in staged {
+            let (bytes, headers) = state::encode(&slot, A::STATE_SCHEMA, events_next)?;
+            state_sends.push(self.producer.send(
+                &changelog,
+                self.partition,
+                &id,
+                &bytes,
+                headers,
+            )?);
+            changed.push(Changed {
+                id,
+                state: slot,
+                bytes,
+            });
+        }
+        let next_changelog = self
+            .producer
+            .flush(state_sends)
+            .await?
+            .last()
+            .map(|(_, offset)| (offset + 1, events_next));
         let mut results = Vec::with_capacity(pending.len());
         let mut decided = Vec::with_capacity(pending.len());
         for p in pending {
@@ -436,30 +492,22 @@ impl<A: CommandStream> PartitionWorker<A> {
         }
 
         if let Some(last) = last_consumed {
-            let mut consumed = TopicPartitionList::new();
-            consumed.add_partition_offset(
-                &topics.commands(A::STREAM),
-                self.partition,
-                Offset::Offset(last + 1),
-            )?;
-            let group = self
-                .shared
-                .consumer
-                .group_metadata()
-                .context("no consumer group metadata")?;
-            self.producer.send_offsets(consumed, group).await?;
+            let topic = topics.commands(A::STREAM);
+            self.owned
+                .send_offsets(&self.producer, [(topic.as_str(), last + 1)])
+                .await?;
         }
         self.producer
             .commit(other_sends)
             .await
             .map_err(anyhow::Error::new)?;
-        Ok((staged, results, decided, events))
+        Ok((changed, next_changelog, results, decided, events))
     }
 
     /// Decides one command inside the open transaction: its events are sent, its
     /// aggregate staged and its outcome added to the transaction's pending outcomes.
     async fn decide(
-        &self,
+        &mut self,
         envelope: &CommandEnvelope,
         remote: bool,
         txn: &mut Txn<A>,
@@ -494,12 +542,10 @@ impl<A: CommandStream> PartitionWorker<A> {
             return Ok(());
         }
         let id = envelope.aggregate_id.clone();
-        let slot = txn
-            .staged
-            .get(&id)
-            .or_else(|| self.aggregates.get(&id))
-            .cloned()
-            .unwrap_or_default();
+        let slot = match txn.staged.get(&id) {
+            Some(slot) => slot.clone(),
+            None => self.aggregates.get(&id)?.unwrap_or_default(),
+        };
         let rejected = |error: api::ApiError| {
             Outcome::Done(CommandResult {
                 command_id: envelope.command_id,
@@ -670,41 +716,61 @@ async fn recent_outcomes<A: CommandStream>(
     Ok(seen)
 }
 
-/// Folds every committed event of the partition into its aggregates.
-async fn rebuild<A: CommandStream>(
+/// Folds one committed event into the aggregates being rebuilt (a rebuild from the
+/// events: schema change, upgrade, `tally rebuild-state`).
+fn fold<A: CommandStream>(
+    aggregates: &mut HashMap<String, Slot<A>>,
+    message: &BorrowedMessage<'_>,
+) -> anyhow::Result<()> {
+    let at = || {
+        format!(
+            "{}/{}/{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        )
+    };
+    let envelope: EventEnvelope = serde_json::from_slice(message.payload().unwrap_or_default())
+        .with_context(|| format!("event at {} is not an envelope", at()))?;
+    let event = envelope
+        .decode::<A::Event>()
+        .with_context(|| format!("event {} at {} does not decode", envelope.event_type, at()))?;
+    let slot = aggregates.entry(envelope.aggregate_id).or_default();
+    if envelope.sequence != slot.version + 1 {
+        bail!(
+            "sequence gap at {}: {} after {}",
+            at(),
+            envelope.sequence,
+            slot.version
+        );
+    }
+    slot.state.apply(event);
+    slot.version = envelope.sequence;
+    Ok(())
+}
+
+/// Writes states folded from events the changelog did not cover to the changelog, in
+/// one transaction, then to the local store.
+async fn seed<A: CommandStream>(
+    producer: &TxnProducer,
     shared: &Shared,
     partition: i32,
-) -> anyhow::Result<HashMap<String, Slot<A>>> {
-    let mut aggregates: HashMap<String, Slot<A>> = HashMap::new();
-    let topic = shared.topics.events(A::STREAM);
-    read_partition(&shared.kafka, &topic, partition, 0, |message| {
-        let envelope: EventEnvelope = serde_json::from_slice(message.payload().unwrap_or_default())
-            .with_context(|| {
-                format!(
-                    "event at {topic}/{partition}/{} is not an envelope",
-                    message.offset()
-                )
-            })?;
-        let event = envelope.decode::<A::Event>().with_context(|| {
-            format!(
-                "event {} at offset {} does not decode",
-                envelope.event_type,
-                message.offset()
-            )
-        })?;
-        let slot = aggregates.entry(envelope.aggregate_id).or_default();
-        if envelope.sequence != slot.version + 1 {
-            bail!(
-                "sequence gap in {topic}/{partition}: {} after {}",
-                envelope.sequence,
-                slot.version
-            );
-        }
-        slot.state.apply(event);
-        slot.version = envelope.sequence;
-        Ok(())
-    })
-    .await
-    .with_context(|| format!("rebuilding {topic}/{partition}"))?;
-    Ok(aggregates)
+    aggregates: &mut PartitionState<Slot<A>>,
+    seed: state::Seed<Slot<A>>,
+) -> anyhow::Result<()> {
+    producer.begin().await?;
+    let changelog = shared.topics.state(A::STREAM);
+    let (sends, changed) = state::seed(producer, &changelog, partition, A::STATE_SCHEMA, &seed)?;
+    let landed = producer.commit(sends).await.map_err(anyhow::Error::new)?;
+    info!(
+        stream = A::STREAM,
+        partition,
+        aggregates = changed.len(),
+        full = seed.full,
+        "states folded from the events written to the changelog"
+    );
+    match landed.last() {
+        Some((_, offset)) => aggregates.committed(changed, offset + 1, seed.events_next),
+        None => Ok(()),
+    }
 }

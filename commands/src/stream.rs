@@ -21,6 +21,11 @@ pub trait CommandStream:
     /// The stream name in topic names: `<prefix>.<STREAM>.commands` / `.events`.
     const STREAM: &'static str;
 
+    /// The version of the state's JSON form in the changelog and local store. Bump it when
+    /// the aggregate's fields change meaning: owners then fold the events again instead of
+    /// trusting snapshots of the old form (ADR 10).
+    const STATE_SCHEMA: u32 = 1;
+
     /// The HTTP answer for a command this aggregate refused.
     fn rejection(err: &Self::Error) -> ApiError;
 

@@ -11,15 +11,19 @@
 //!   runtime, with librdkafka's errors sorted into retriable / abortable / fatal.
 //! - [`read_partition`]: read one partition `read_committed` from an offset up to its
 //!   last stable offset, the catch-up step before a processor takes commands.
+//! - [`owner`]: the partition-owner runtime the command processors and the saga share —
+//!   membership, fencing, hand-over, transaction retries — and [`state`], the bounded
+//!   state each owner keeps over a local store and a compacted changelog (ADR 10).
 //! - [`log_identity`]: which log this is (Kafka's cluster id and the id in
 //!   `<prefix>.meta`), so that the read side can tell it from another (ADR 7).
 
 mod config;
 mod envelope;
-pub mod group;
 mod identity;
+pub mod owner;
 mod partitioner;
 mod reader;
+pub mod state;
 mod token;
 mod topics;
 pub mod trace;

@@ -54,6 +54,13 @@ impl Topics {
         format!("{}.{stream}.outcomes", self.prefix)
     }
 
+    /// The latest state of each aggregate (or saga) of one stream, keyed by its id:
+    /// compacted, co-partitioned with the stream's events, written in the same
+    /// transactions (ADR 10). `stream` is `order`, … or `saga.order-fulfilment`.
+    pub fn state(&self, stream: &str) -> String {
+        format!("{}.{stream}.state", self.prefix)
+    }
+
     /// The order-fulfilment saga's own events, keyed by order id.
     pub fn saga_events(&self) -> String {
         format!("{}.saga.order-fulfilment.events", self.prefix)
@@ -84,7 +91,9 @@ impl Topics {
             specs.push(TopicSpec::new(self.commands(stream), p, WEEK_MS));
             // Longer than any dedup window Tally accepts (--dedup-window-secs).
             specs.push(TopicSpec::new(self.command_outcomes(stream), p, WEEK_MS));
+            specs.push(TopicSpec::changelog(self.state(stream), p));
         }
+        specs.push(TopicSpec::changelog(self.state("saga.order-fulfilment"), p));
         specs.push(TopicSpec::new(self.command_results(), p, DAY_MS));
         specs.push(TopicSpec::new(self.saga_events(), p, FOREVER));
         specs.push(TopicSpec::new(self.saga_inbox(), p, WEEK_MS));
@@ -101,6 +110,8 @@ pub struct TopicSpec {
     pub partitions: i32,
     /// `retention.ms`; `-1` keeps records forever (the log is the source of truth).
     pub retention_ms: &'static str,
+    /// A compacted changelog: only the latest record of each key is kept.
+    pub compacted: bool,
 }
 
 impl TopicSpec {
@@ -110,6 +121,39 @@ impl TopicSpec {
             name,
             partitions,
             retention_ms,
+            compacted: false,
+        }
+    }
+
+    /// A compacted state changelog (ADR 10). A takeover reads it whole, so it is kept
+    /// close to one record per key: small segments that roll within minutes (the active
+    /// segment is never compacted) and a low dirty ratio; deleted keys' tombstones stay a
+    /// day, so a reader that was behind still sees them.
+    pub fn changelog(name: String, partitions: i32) -> Self {
+        Self {
+            name,
+            partitions,
+            retention_ms: FOREVER,
+            compacted: true,
+        }
+    }
+
+    /// The topic settings Tally creates it with.
+    pub fn settings(&self) -> Vec<(&'static str, &'static str)> {
+        if self.compacted {
+            vec![
+                ("cleanup.policy", "compact"),
+                ("segment.bytes", "16777216"),
+                ("segment.ms", "600000"),
+                ("min.cleanable.dirty.ratio", "0.1"),
+                ("min.compaction.lag.ms", "0"),
+                ("delete.retention.ms", DAY_MS),
+            ]
+        } else {
+            vec![
+                ("retention.ms", self.retention_ms),
+                ("cleanup.policy", "delete"),
+            ]
         }
     }
 }
@@ -135,13 +179,15 @@ pub async fn ensure_topics(config: &KafkaConfig, specs: &[TopicSpec]) -> anyhow:
     let new_topics: Vec<NewTopic> = specs
         .iter()
         .map(|s| {
-            NewTopic::new(
+            let mut topic = NewTopic::new(
                 &s.name,
                 s.partitions,
                 TopicReplication::Fixed(config.replication_factor),
-            )
-            .set("retention.ms", s.retention_ms)
-            .set("cleanup.policy", "delete")
+            );
+            for (key, value) in s.settings() {
+                topic = topic.set(key, value);
+            }
+            topic
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));

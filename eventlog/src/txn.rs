@@ -106,6 +106,27 @@ impl TxnProducer {
     /// Creates the producer and runs `init_transactions`, which fences any older producer
     /// with the same `transactional_id` and aborts its open transaction.
     pub async fn new(config: &KafkaConfig, transactional_id: &str) -> anyhow::Result<Self> {
+        Self::new_then(config, transactional_id, || {}).await
+    }
+
+    /// [`new`](Self::new), calling `done` on the blocking thread the moment
+    /// `init_transactions` returns (or fails) — even if the caller stopped waiting.
+    pub async fn new_then(
+        config: &KafkaConfig,
+        transactional_id: &str,
+        done: impl FnOnce() + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        // Called when dropped: after init_transactions in the blocking thread, or on any
+        // earlier return.
+        struct OnDrop<F: FnOnce()>(Option<F>);
+        impl<F: FnOnce()> Drop for OnDrop<F> {
+            fn drop(&mut self) {
+                if let Some(f) = self.0.take() {
+                    f();
+                }
+            }
+        }
+        let done = OnDrop(Some(done));
         let producer: FutureProducer = config
             .producer()
             .set("transactional.id", transactional_id)
@@ -125,9 +146,13 @@ impl TxnProducer {
             transactional_id: transactional_id.to_string(),
             timeout: Duration::from_secs(30),
         };
-        this.blocking(|p, t| p.init_transactions(t))
-            .await
-            .with_context(|| format!("init_transactions for {transactional_id}"))?;
+        this.blocking(move |p, t| {
+            let result = p.init_transactions(t);
+            drop(done);
+            result
+        })
+        .await
+        .with_context(|| format!("init_transactions for {transactional_id}"))?;
         debug!(transactional_id, "transactional producer ready");
         Ok(this)
     }

@@ -37,7 +37,9 @@ pub(crate) async fn apply(
         let account = PaymentAccount {
             customer_id: aggregates::CustomerId::new(id.clone()).ok(),
             balance_cents: row.try_get::<i64, _>("balance_cents")? as u64,
-            charges: Default::default(),
+            // The read model stores the balance only: the outstanding total serves refund
+            // decisions, which are not made here.
+            outstanding_cents: 0,
         };
         rows.insert(
             id,
@@ -49,12 +51,6 @@ pub(crate) async fn apply(
         );
     }
     let changed = fold_all(&mut rows, records)?;
-    for id in &changed {
-        // The read model keeps only the totals.
-        if let Some(row) = rows.get_mut(id) {
-            row.state.charges.clear();
-        }
-    }
     if changed.is_empty() {
         return Ok(());
     }

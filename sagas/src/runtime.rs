@@ -1,14 +1,14 @@
-//! The saga orchestrator on Kafka (DESIGN.md §4). A member of the consumer group of the
-//! order events and the saga inbox — co-partitioned, and assigned with the `range`
-//! strategy so that one member owns partition `n` of both. Per owned partition a worker
-//! fences the previous owner (transactional id per partition), rebuilds its sagas from
-//! the saga topic, then runs every step as ONE transaction: saga events, outgoing
-//! commands (each naming the inbox partition for its reply) and the consumed offsets.
-//! Deadlines are in the sagas' state; the owner fires them from a timer, as steps of
-//! their own.
+//! The saga orchestrator on Kafka (DESIGN.md §4), on the partition-owner runtime
+//! (`eventlog::owner`). An owner group of the order events and the saga inbox —
+//! co-partitioned, and assigned with the `range` strategy so that one member owns
+//! partition `n` of both. Per owned partition a worker fences the previous owner
+//! (transactional id per partition), restores its sagas (local store + changelog,
+//! `eventlog::state`), then runs every step as ONE transaction: saga events, the sagas'
+//! new states, outgoing commands (each naming the inbox partition for its reply) and the
+//! consumed offsets. Deadlines are in the sagas' state; the owner keeps an index of the
+//! running sagas' deadlines and fires them from a timer, as steps of their own.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,52 +16,51 @@ use aggregates::{OrderEvent, OrderId, OrderStatus};
 use anyhow::{anyhow, bail, Context};
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
-use eventlog::group::{self, Change, Rebalances};
-use eventlog::rdkafka::consumer::{Consumer, StreamConsumer};
-use eventlog::rdkafka::message::{Message, OwnedMessage};
-use eventlog::rdkafka::{Offset, TopicPartitionList};
+use eventlog::owner::{self, after_failure, OwnerSpec, OwnerStatus, Partition};
+use eventlog::rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
+use eventlog::state::{self, Changed, PartitionState, RestoreSpec, StateConfig, StateMetrics};
 use eventlog::{
-    classify, partition_for, read_partition, CommandEnvelope, CommandResult, CommitError,
-    EventEnvelope, EventMetadata, KafkaConfig, ReplyTo, Topics, TxnErrorKind, TxnProducer,
+    partition_for, CommandEnvelope, CommandResult, EventEnvelope, EventMetadata, KafkaConfig,
+    ReplyTo, Topics, TxnProducer,
 };
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::fulfilment::{Deadlines, Fulfilment, FulfilmentEvent, Input, SagaLine, STREAM};
 use crate::metrics::SagaMetrics;
 
-/// How long a stopping processor waits for its workers' current transactions.
-const WORKER_STOP_BOUND: Duration = Duration::from_secs(10);
 /// Most inputs in one transaction.
 const MAX_BATCH: usize = 500;
 /// How often the owner looks for deadlines that passed.
 const TICK: Duration = Duration::from_millis(100);
 /// How long a busy worker waits for more inputs before it writes a step.
 const GATHER: Duration = Duration::from_millis(5);
-/// Attempts at a batch whose transaction had to be aborted.
-const MAX_ATTEMPTS: u32 = 5;
+/// The version of a saga's JSON form in the changelog and local store (ADR 10).
+const STATE_SCHEMA: u32 = 1;
 
 /// Settings of the saga orchestrator.
 #[derive(Clone)]
 pub struct SagaConfig {
     pub kafka: KafkaConfig,
     pub deadlines: Deadlines,
+    /// Where and how many sagas each owned partition keeps.
+    pub state: StateConfig,
 }
 
 /// Handles for the caller: readiness and metrics of a running orchestrator.
 #[derive(Clone, Default)]
 pub struct SagaRuntimeStatus {
-    /// Partitions assigned but not yet rebuilt.
-    pub rebuilding: Arc<AtomicUsize>,
+    /// Joined its group, and how many owned partitions are still restoring.
+    pub owner: OwnerStatus,
     pub metrics: SagaMetrics,
+    pub state_metrics: StateMetrics,
 }
 
 struct Shared {
     config: SagaConfig,
     topics: Topics,
-    consumer: StreamConsumer<Rebalances>,
     status: SagaRuntimeStatus,
 }
 
@@ -74,103 +73,35 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let topics = Topics::new(&config.kafka.topic_prefix);
     let group = format!("{}.{STREAM}", config.kafka.topic_prefix);
-    let metrics = status.metrics.clone();
-    let lag_group = group.clone();
     // `range`: partition n of both topics to the same member, so the order's events and
     // the replies to its saga's commands meet in one worker.
-    let (consumer, mut changes) = group::owner_consumer(
-        &config.kafka,
-        &group,
-        "range",
-        &[&topics.events("order"), &topics.saga_inbox()],
-        move |statistics| metrics.record_lag(&lag_group, statistics),
-    )?;
+    let spec = OwnerSpec {
+        group: group.clone(),
+        assignment: "range",
+        topics: vec![topics.events("order"), topics.saga_inbox()],
+        name: STREAM,
+    };
+    let kafka = config.kafka.clone();
+    let metrics = status.metrics.clone();
+    info!("saga orchestrator started");
     let shared = Arc::new(Shared {
         config,
         topics,
-        consumer,
-        status,
+        status: status.clone(),
     });
-    info!("saga orchestrator started");
-
-    let mut workers: HashMap<i32, (mpsc::Sender<OwnedMessage>, CancellationToken)> = HashMap::new();
-    let mut tasks: JoinSet<(i32, anyhow::Result<()>)> = JoinSet::new();
-    let result = loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            Some(change) = changes.recv() => apply(change, &shared, &mut workers, &mut tasks),
-            Some(done) = tasks.join_next() => match done {
-                Ok((p, Err(e))) if !workers.contains_key(&p) => {
-                    warn!(partition = p, error = %format!("{e:#}"), "saga worker of a revoked partition ended with an error");
-                }
-                Ok((p, Err(e))) => break Err(e.context(format!("saga partition {p} worker failed"))),
-                Ok((_, Ok(()))) => {}
-                Err(join) => break Err(anyhow!("a saga worker panicked: {join}")),
-            },
-            message = shared.consumer.recv() => {
-                while let Ok(change) = changes.try_recv() {
-                    apply(change, &shared, &mut workers, &mut tasks);
-                }
-                let message = match message {
-                    Ok(m) => m.detach(),
-                    Err(e) => { error!(error = %e, "saga consumer error"); continue; }
-                };
-                let partition = message.partition();
-                match workers.get(&partition) {
-                    Some((worker, _)) => if worker.send(message).await.is_err() {
-                        break Err(anyhow!("saga partition {partition} worker stopped"));
-                    },
-                    // The next owner reads it again from the committed offset.
-                    None => debug!(partition, "saga input for a revoked partition dropped"),
-                }
-            }
-        }
-    };
-    // Each worker ends after its current transaction; one that does not within the
-    // bound is aborted (its transaction is then aborted by the next owner's fencing).
-    for (_, (_, stop)) in workers.drain() {
-        stop.cancel();
-    }
-    group::stop_workers(&mut tasks, WORKER_STOP_BOUND, STREAM).await;
-    shared.status.rebuilding.store(0, Ordering::SeqCst);
-    shared.consumer.unsubscribe();
-    result
+    owner::run(
+        &kafka,
+        spec,
+        status.owner.clone(),
+        move |statistics| metrics.record_lag(&group, statistics),
+        shutdown,
+        move |partition, inputs, _me| Worker::run(shared.clone(), partition, inputs),
+    )
+    .await
 }
 
-fn apply(
-    change: Change,
-    shared: &Arc<Shared>,
-    workers: &mut HashMap<i32, (mpsc::Sender<OwnedMessage>, CancellationToken)>,
-    tasks: &mut JoinSet<(i32, anyhow::Result<()>)>,
-) {
-    match change {
-        Change::Assigned(partitions) => {
-            info!(?partitions, "saga partitions assigned");
-            for p in partitions {
-                if workers.contains_key(&p) {
-                    continue;
-                }
-                let (tx, rx) = mpsc::channel(4_096);
-                let revoked = CancellationToken::new();
-                workers.insert(p, (tx, revoked.clone()));
-                shared.status.rebuilding.fetch_add(1, Ordering::SeqCst);
-                let shared = shared.clone();
-                tasks.spawn(async move { (p, Worker::run(shared, p, rx, revoked).await) });
-            }
-        }
-        Change::Revoked(partitions) => {
-            info!(?partitions, "saga partitions revoked");
-            for p in partitions {
-                if let Some((_, revoked)) = workers.remove(&p) {
-                    revoked.cancel();
-                }
-            }
-        }
-    }
-}
-
-/// One saga as its owner holds it.
-#[derive(Clone, Default)]
+/// One saga as its owner holds it, and as the changelog and local store keep it.
+#[derive(Clone, Default, Serialize, Deserialize)]
 struct Slot {
     state: Fulfilment,
     version: u64,
@@ -181,11 +112,14 @@ struct Slot {
 
 struct Worker {
     shared: Arc<Shared>,
+    owned: Partition,
     partition: i32,
     producer: TxnProducer,
-    sagas: HashMap<String, Slot>,
-    /// Sagas waiting on a deadline, and the earliest one.
+    sagas: PartitionState<Slot>,
+    /// Running sagas waiting on a deadline, and the earliest one.
     deadlines: HashMap<String, DateTime<Utc>>,
+    /// Running sagas of this partition (for the gauge).
+    running: i64,
 }
 
 /// One input for one saga, with where it came from.
@@ -198,59 +132,89 @@ struct Work {
 impl Worker {
     async fn run(
         shared: Arc<Shared>,
-        partition: i32,
+        mut owned: Partition,
         mut inputs: mpsc::Receiver<OwnedMessage>,
-        revoked: CancellationToken,
     ) -> anyhow::Result<()> {
         let started = Instant::now();
-        let txn_id = format!(
-            "{}-saga-order-fulfilment-p{partition}",
-            shared.config.kafka.topic_prefix
-        );
-        let producer = TxnProducer::new(&shared.config.kafka, &txn_id).await?;
-        // Fenced: the previous owner can commit nothing more, so the group's committed
-        // offsets are final now — start from them, not from what assignment fetched.
-        let topics = [shared.topics.events("order"), shared.topics.saga_inbox()];
-        let consumer = shared.clone();
-        tokio::task::spawn_blocking(move || {
-            group::seek_to_committed(&consumer.consumer, &topics, partition)
-        })
-        .await??;
-        let sagas = rebuild(&shared, partition).await?;
-        let deadlines = sagas
-            .iter()
-            .filter_map(|(id, s)| s.state.next_deadline().map(|d| (id.clone(), d)))
-            .collect();
-        let running = sagas
-            .values()
-            .filter(|s| s.state.status == Some(crate::SagaStatus::Running))
-            .count();
-        shared.status.metrics.add_running(running as i64);
+        let partition = owned.partition;
+        let kafka = &shared.config.kafka;
+        let txn_id = format!("{}-saga-order-fulfilment-p{partition}", kafka.topic_prefix);
+        let Some(producer) = owned.fence(kafka, &txn_id).await? else {
+            info!(partition, "saga partition revoked before it was fenced");
+            return Ok(());
+        };
+        let restored = match state::restore(
+            RestoreSpec {
+                kafka,
+                config: &shared.config.state,
+                metrics: &shared.status.state_metrics,
+                stream: STREAM,
+                partition,
+                schema: STATE_SCHEMA,
+                changelog: shared.topics.state(STREAM),
+                events: shared.topics.events(STREAM),
+                revoked: &owned.revoked,
+            },
+            Some(running_index),
+            fold,
+        )
+        .await
+        {
+            Err(_) if owned.revoked.is_cancelled() => return Ok(()),
+            restored => restored?,
+        };
+        let mut sagas = restored.state;
+        if let Some(seed) = restored.to_seed {
+            producer.begin().await?;
+            let changelog = shared.topics.state(STREAM);
+            let (sends, changed) =
+                state::seed(&producer, &changelog, partition, STATE_SCHEMA, &seed)?;
+            let landed = producer.commit(sends).await.map_err(anyhow::Error::new)?;
+            info!(
+                partition,
+                sagas = changed.len(),
+                full = seed.full,
+                "sagas folded from the saga events written to the changelog"
+            );
+            if let Some((_, offset)) = landed.last() {
+                sagas.committed(changed, offset + 1, seed.events_next)?;
+            }
+        }
+        // The running sagas (and any with a deadline): their deadlines, and the gauge —
+        // from the store's index of them, not from every saga ever run.
+        let mut deadlines = HashMap::new();
+        let mut running = 0i64;
+        state::blocking(|| {
+            sagas.indexed(|id, value| {
+                let (is_running, at) = unindex(value);
+                running += i64::from(is_running);
+                if let Some(at) = at {
+                    deadlines.insert(id.to_string(), at);
+                }
+            })
+        })?;
+        shared.status.metrics.add_running(running);
         info!(
             partition,
-            sagas = sagas.len(),
             running,
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "saga partition rebuilt; resuming"
+            "saga partition restored; resuming"
         );
+        if !owned.ready() {
+            shared.status.metrics.add_running(-running);
+            info!(partition, "saga partition revoked while restoring");
+            return Ok(());
+        }
+        let revoked = owned.revoked.clone();
         let mut worker = Worker {
             shared,
+            owned,
             partition,
             producer,
             sagas,
             deadlines,
+            running,
         };
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&worker.shared.topics.events("order"), partition);
-        tpl.add_partition(&worker.shared.topics.saga_inbox(), partition);
-        if let Err(e) = worker.shared.consumer.resume(&tpl) {
-            warn!(partition, error = %e, "could not resume the saga partition");
-        }
-        worker
-            .shared
-            .status
-            .rebuilding
-            .fetch_sub(1, Ordering::SeqCst);
 
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -279,13 +243,8 @@ impl Worker {
                 }
             }
         };
-        let running = worker
-            .sagas
-            .values()
-            .filter(|s| s.state.status == Some(crate::SagaStatus::Running))
-            .count();
-        worker.shared.status.metrics.add_running(-(running as i64));
-        info!(partition, "saga partition released");
+        worker.shared.status.metrics.add_running(-worker.running);
+        info!(partition = worker.partition, "saga partition released");
         result
     }
 
@@ -319,16 +278,6 @@ impl Worker {
     /// Feeds `Tick` to every saga whose deadline has passed.
     async fn fire_deadlines(&mut self) -> anyhow::Result<()> {
         let now = Utc::now();
-        let sagas = &self.sagas;
-        self.deadlines.retain(
-            |id, d| match sagas.get(id).and_then(|s| s.state.next_deadline()) {
-                Some(next) => {
-                    *d = next;
-                    true
-                }
-                None => false,
-            },
-        );
         let due: Vec<Work> = self
             .deadlines
             .iter()
@@ -360,69 +309,66 @@ impl Worker {
         loop {
             attempt += 1;
             match self.transact(&work, &consumed).await {
-                Ok(staged) => {
-                    for (id, slot) in staged {
-                        record(&self.shared.status.metrics, self.sagas.get(&id), &slot);
+                Ok((staged, next_changelog)) => {
+                    let mut changed = Vec::with_capacity(staged.len());
+                    for (id, (before, slot, bytes)) in staged {
+                        self.running += record(&self.shared.status.metrics, before.as_ref(), &slot);
                         match slot.state.next_deadline() {
                             Some(d) => self.deadlines.insert(id.clone(), d),
                             None => self.deadlines.remove(&id),
                         };
-                        self.sagas.insert(id, slot);
+                        changed.push(Changed {
+                            id,
+                            state: slot,
+                            bytes,
+                        });
+                    }
+                    if let Some((next, events_next)) = next_changelog {
+                        self.sagas.committed(changed, next, events_next)?;
                     }
                     return Ok(());
                 }
-                // Aborting a commit of unknown outcome and running the step again would
-                // send its commands and saga events twice if the commit went through.
-                Err(err) if CommitError::is_uncertain(&err) => {
-                    return Err(err.context(format!(
-                        "saga partition {}: the commit's outcome is unknown; the orchestrator restarts and the log decides",
-                        self.partition
-                    )))
-                }
                 Err(err) => {
-                    let kind = CommitError::kafka_error(&err)
-                        .map(classify)
-                        .unwrap_or(TxnErrorKind::Fatal);
-                    if kind == TxnErrorKind::Fatal || attempt >= MAX_ATTEMPTS {
-                        return Err(err.context(format!(
-                            "saga partition {} gave up a step of {} inputs ({kind:?}); the orchestrator restarts and rebuilds",
-                            self.partition,
-                            work.len()
-                        )));
-                    }
-                    warn!(partition = self.partition, attempt, error = %err, "saga transaction failed; aborting and retrying");
-                    if let Err(abort) = self.producer.abort().await {
-                        if classify(&abort) == TxnErrorKind::Fatal {
-                            return Err(anyhow::Error::new(abort)
-                                .context("aborting a failed saga transaction"));
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
+                    let what = format!(
+                        "saga partition {}: a step of {} inputs",
+                        self.partition,
+                        work.len()
+                    );
+                    after_failure(&self.producer, err, attempt, what).await?;
                 }
             }
         }
     }
 
-    /// One transaction: saga events, outgoing commands and consumed offsets.
+    /// One transaction: saga events, the sagas' new states, outgoing commands and
+    /// consumed offsets. Answers each changed saga (before, after, its JSON) and the
+    /// changelog offset after the last state written.
+    #[allow(clippy::type_complexity)]
     async fn transact(
-        &self,
+        &mut self,
         work: &[Work],
         consumed: &HashMap<String, i64>,
-    ) -> anyhow::Result<HashMap<String, Slot>> {
+    ) -> anyhow::Result<(
+        HashMap<String, (Option<Slot>, Slot, Vec<u8>)>,
+        Option<(i64, i64)>,
+    )> {
         let topics = &self.shared.topics;
         let kafka = &self.shared.config.kafka;
         let saga_events = topics.events(STREAM);
         let reply_topic = topics.saga_inbox();
         let now = Utc::now();
         self.producer.begin().await?;
-        let mut staged: HashMap<String, Slot> = HashMap::new();
+        let mut staged: HashMap<String, (Option<Slot>, Slot)> = HashMap::new();
         let mut sends = Vec::new();
+        let mut event_sends = Vec::new();
         for w in work {
-            let mut slot = staged
-                .get(&w.saga_id)
-                .or_else(|| self.sagas.get(&w.saga_id))
-                .cloned()
-                .unwrap_or_default();
+            let (before, mut slot) = match staged.remove(&w.saga_id) {
+                Some(both) => both,
+                None => {
+                    let before = self.sagas.get(&w.saga_id)?;
+                    (before.clone(), before.unwrap_or_default())
+                }
+            };
             if let Some(m) = &w.metadata {
                 if slot.state.status.is_none() {
                     slot.correlation_id = m.correlation_id.clone();
@@ -452,6 +398,9 @@ impl Worker {
                 "saga step"
             );
             if events.is_empty() {
+                if slot.version > 0 || before.is_some() {
+                    staged.insert(w.saga_id.clone(), (before, slot));
+                }
                 continue;
             }
             let metadata = EventMetadata {
@@ -470,7 +419,7 @@ impl Worker {
                     metadata.clone(),
                     now,
                 )?;
-                sends.push(self.producer.send(
+                event_sends.push(self.producer.send(
                     &saga_events,
                     self.partition,
                     &w.saga_id,
@@ -506,51 +455,80 @@ impl Worker {
                     )?);
                 }
             }
-            staged.insert(w.saga_id.clone(), slot);
+            staged.insert(w.saga_id.clone(), (before, slot));
         }
-        if !consumed.is_empty() {
-            let mut offsets = TopicPartitionList::new();
-            for (topic, next) in consumed {
-                offsets.add_partition_offset(topic, self.partition, Offset::Offset(*next))?;
+        // The new state of each saga that changed, with its events. A saga an input left
+        // as it was is not written again.
+        let events_next = self
+            .producer
+            .flush(event_sends)
+            .await?
+            .last()
+            .map_or(self.sagas.events_next(), |(_, offset)| offset + 1);
+        let changelog = topics.state(STREAM);
+        let mut out = HashMap::with_capacity(staged.len());
+        let mut state_sends = Vec::new();
+        for (id, (before, slot)) in staged {
+            if before.as_ref().is_some_and(|b| b.version == slot.version) {
+                continue;
             }
-            let group = self
-                .shared
-                .consumer
-                .group_metadata()
-                .context("no consumer group metadata")?;
-            self.producer.send_offsets(offsets, group).await?;
-        } else if sends.is_empty() {
+            let (bytes, headers) = state::encode(&slot, STATE_SCHEMA, events_next)?;
+            state_sends.push(self.producer.send(
+                &changelog,
+                self.partition,
+                &id,
+                &bytes,
+                headers,
+            )?);
+            out.insert(id, (before, slot, bytes));
+        }
+        let next_changelog = self
+            .producer
+            .flush(state_sends)
+            .await?
+            .last()
+            .map(|(_, offset)| (offset + 1, events_next));
+        if !consumed.is_empty() {
+            self.owned
+                .send_offsets(
+                    &self.producer,
+                    consumed.iter().map(|(t, o)| (t.as_str(), *o)),
+                )
+                .await?;
+        } else if sends.is_empty() && out.is_empty() {
             // Nothing to write: end the empty transaction.
             self.producer.abort().await?;
-            return Ok(staged);
+            return Ok((out, None));
         }
         self.producer
             .commit(sends)
             .await
             .map_err(anyhow::Error::new)?;
         self.shared.status.metrics.transaction();
-        Ok(staged)
+        Ok((out, next_changelog))
     }
 }
 
 /// Counts what a committed step changed: saga status transitions and ended steps.
-fn record(metrics: &SagaMetrics, before: Option<&Slot>, slot: &Slot) {
+/// Answers the change in running sagas.
+fn record(metrics: &SagaMetrics, before: Option<&Slot>, slot: &Slot) -> i64 {
     use crate::fulfilment::StepStatus::Started;
     use crate::SagaStatus::Running;
     let was = before.and_then(|b| b.state.status);
-    match (was, slot.state.status) {
-        (was, now) if was == now => {}
+    let delta = match (was, slot.state.status) {
+        (was, now) if was == now => 0,
         (Some(Running), Some(end)) => {
-            metrics.add_running(-1);
             metrics.ended(end);
+            -1
         }
         (None, Some(Running)) => {
             metrics.started();
-            metrics.add_running(1);
+            1
         }
-        (Some(_), Some(Running)) => metrics.add_running(1),
-        _ => {}
-    }
+        (Some(_), Some(Running)) => 1,
+        _ => 0,
+    };
+    metrics.add_running(delta);
     let known = before.map(|b| b.state.steps.as_slice()).unwrap_or_default();
     for (i, step) in slot.state.steps.iter().enumerate() {
         let was_open = known.get(i).is_none_or(|s| s.status == Started);
@@ -559,6 +537,7 @@ fn record(metrics: &SagaMetrics, before: Option<&Slot>, slot: &Slot) {
             metrics.step_ended(step.name, step.status, seconds);
         }
     }
+    delta
 }
 
 /// The OpenTelemetry context a W3C `traceparent` names.
@@ -653,36 +632,75 @@ fn reply_input(message: &OwnedMessage) -> anyhow::Result<Option<Work>> {
     }))
 }
 
-/// Folds every committed saga event of the partition.
-async fn rebuild(shared: &Shared, partition: i32) -> anyhow::Result<HashMap<String, Slot>> {
-    let topic = shared.topics.events(STREAM);
-    let mut sagas: HashMap<String, Slot> = HashMap::new();
-    read_partition(&shared.config.kafka, &topic, partition, 0, |message| {
-        let envelope: EventEnvelope = serde_json::from_slice(message.payload().unwrap_or_default())
-            .with_context(|| {
-                format!(
-                    "saga event at {topic}/{partition}/{} is not an envelope",
-                    message.offset()
-                )
-            })?;
-        let event: FulfilmentEvent = envelope.decode()?;
-        let slot = sagas.entry(envelope.aggregate_id).or_default();
-        if envelope.sequence != slot.version + 1 {
-            bail!(
-                "sequence gap in {topic}/{partition}: {} after {}",
-                envelope.sequence,
-                slot.version
-            );
+/// The store's index of sagas (ADR 10): the running ones and any waiting on a deadline,
+/// valued by that deadline in ms since the epoch (`i64::MAX`: none); negative for a saga
+/// that waits on a deadline without running.
+fn running_index(slot: &Slot) -> Option<i64> {
+    let running = slot.state.status == Some(crate::SagaStatus::Running);
+    let deadline = slot.state.next_deadline().map(|d| d.timestamp_millis());
+    match (running, deadline) {
+        (true, at) => Some(at.unwrap_or(i64::MAX)),
+        (false, Some(at)) => Some(-at),
+        (false, None) => None,
+    }
+}
+
+/// What [`running_index`] stored: running, and the deadline.
+fn unindex(value: i64) -> (bool, Option<DateTime<Utc>>) {
+    let at = |ms: i64| DateTime::<Utc>::from_timestamp_millis(ms);
+    match value {
+        i64::MAX => (true, None),
+        v if v < 0 => (false, at(-v)),
+        v => (true, at(v)),
+    }
+}
+
+/// Folds one committed saga event into the sagas being rebuilt.
+fn fold(sagas: &mut HashMap<String, Slot>, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
+    let at = || {
+        format!(
+            "{}/{}/{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        )
+    };
+    let envelope: EventEnvelope = serde_json::from_slice(message.payload().unwrap_or_default())
+        .with_context(|| format!("saga event at {} is not an envelope", at()))?;
+    let event: FulfilmentEvent = envelope.decode()?;
+    let slot = sagas.entry(envelope.aggregate_id).or_default();
+    if envelope.sequence != slot.version + 1 {
+        bail!(
+            "sequence gap at {}: {} after {}",
+            at(),
+            envelope.sequence,
+            slot.version
+        );
+    }
+    if slot.version == 0 {
+        slot.correlation_id = envelope.metadata.correlation_id.clone();
+        slot.traceparent = envelope.metadata.traceparent.clone();
+    }
+    slot.state.apply(event);
+    slot.version = envelope.sequence;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_index_of_running_sagas_round_trips() {
+        let at = DateTime::<Utc>::from_timestamp_millis(1_800_000_000_123).unwrap();
+        for (value, running, deadline) in [
+            (i64::MAX, true, None),
+            (at.timestamp_millis(), true, Some(at)),
+            (-at.timestamp_millis(), false, Some(at)),
+        ] {
+            assert_eq!(unindex(value), (running, deadline));
         }
-        if slot.version == 0 {
-            slot.correlation_id = envelope.metadata.correlation_id.clone();
-            slot.traceparent = envelope.metadata.traceparent.clone();
-        }
-        slot.state.apply(event);
-        slot.version = envelope.sequence;
-        Ok(())
-    })
-    .await
-    .with_context(|| format!("rebuilding sagas from {topic}/{partition}"))?;
-    Ok(sagas)
+        // A saga that has not started is not in the index.
+        assert_eq!(running_index(&Slot::default()), None);
+    }
 }

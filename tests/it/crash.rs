@@ -50,7 +50,7 @@ async fn a_processor_killed_mid_load_loses_and_doubles_nothing() {
     let rebuilt = |log: &std::path::Path| {
         std::fs::read_to_string(log)
             .unwrap_or_default()
-            .matches("partition rebuilt; taking commands")
+            .matches("partition restored; taking commands")
             .count()
     };
     // a alone owns every partition of the three streams.

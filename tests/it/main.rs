@@ -17,5 +17,6 @@ mod queries;
 mod saga_crash;
 mod saga_flow;
 mod shutdown;
+mod state;
 mod trace_logs;
 mod trust;

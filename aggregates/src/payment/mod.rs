@@ -1,11 +1,17 @@
 //! The `PaymentAccount` aggregate: one customer's balance. The saga charges an order's
 //! total to it and refunds exactly what was charged when it compensates; the balance
 //! never goes negative, so money is conserved.
+//!
+//! The account keeps totals, not a list of orders: its state is the same size after a
+//! customer's millionth order as after the first, so each command costs the same. Which
+//! order was charged how much, and whether it was refunded, is the saga's knowledge (it
+//! keeps one state per order): it refunds only a charge it saw go through, with the amount
+//! it charged, under a deterministic command id the processor answers once. The account
+//! still refuses a refund larger than everything charged and not yet refunded, so even a
+//! wrong refund can never hand out money that was not paid in (ADR 9).
 
 #[cfg(test)]
 mod tests;
-
-use std::collections::BTreeMap;
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
@@ -26,8 +32,22 @@ pub enum PaymentCommand {
         order_id: OrderId,
         amount_cents: Cents,
     },
-    /// Gives back exactly what was charged for the order (compensation).
-    RefundPayment { order_id: OrderId },
+    /// Gives back what was charged for the order (compensation). The saga sends it once,
+    /// and only for a charge it saw go through, with that charge's amount: the account
+    /// no longer knows each order's charge, only that `amount_cents` fits in what was
+    /// charged and not refunded.
+    ///
+    /// `amount_cents` is required. A refund written before it existed (`{"order_id"}`
+    /// alone) does not decode, so the processor refuses it (`400 malformed_request`)
+    /// and nothing moves: no refund of a guessed amount, and the saga's timeline shows
+    /// the refund failed, not done. To upgrade without such refusals, run the new sagas
+    /// first (a previous processor ignores the new field and refunds from its own
+    /// record), or let the payment command topic drain of the old refunds before the new
+    /// payment processors start.
+    RefundPayment {
+        order_id: OrderId,
+        amount_cents: Cents,
+    },
 }
 
 /// Every event of the `payment_account` aggregate.
@@ -82,10 +102,12 @@ impl DomainEvent for PaymentEvent {
 pub enum PaymentError {
     #[error("payment declined: {amount} cents charged against a balance of {balance}")]
     PaymentDeclined { amount: u64, balance: u64 },
-    #[error("order {order_id} was already charged to this account")]
-    AlreadyCharged { order_id: OrderId },
-    #[error("order {order_id} has no charge on this account to refund")]
-    ChargeNotFound { order_id: OrderId },
+    #[error("order {order_id}: no charge of {amount} cents to refund ({outstanding} outstanding)")]
+    ChargeNotFound {
+        order_id: OrderId,
+        amount: u64,
+        outstanding: u64,
+    },
     #[error("the balance would exceed {max} cents")]
     BalanceLimitExceeded { max: u64 },
 }
@@ -95,19 +117,24 @@ impl PaymentError {
     pub fn rule(&self) -> &'static str {
         match self {
             PaymentError::PaymentDeclined { .. } => "payment_declined",
-            PaymentError::AlreadyCharged { .. } => "already_charged",
             PaymentError::ChargeNotFound { .. } => "charge_not_found",
             PaymentError::BalanceLimitExceeded { .. } => "balance_limit_exceeded",
         }
     }
 }
 
-/// One customer's account. `charges` holds what each order paid and has not had back.
+/// One customer's account: a fixed number of fields, whatever its history. Everything
+/// deposited is `balance_cents + outstanding_cents`: a charge moves money from the first
+/// to the second, a refund moves it back, and neither can make money up.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PaymentAccount {
     pub customer_id: Option<CustomerId>,
     pub balance_cents: u64,
-    pub charges: BTreeMap<OrderId, Cents>,
+    /// Charged and not refunded, over all orders: the most a refund may give back.
+    /// (New with the bounded account; a state saved with the old `charges` map instead
+    /// loads with 0 here, which refuses refunds rather than inventing money.)
+    #[serde(default)]
+    pub outstanding_cents: u64,
 }
 
 impl PaymentAccount {
@@ -135,9 +162,8 @@ impl PaymentAccount {
                 order_id,
                 amount_cents,
             } => {
-                if self.charges.contains_key(&order_id) {
-                    return Err(PaymentError::AlreadyCharged { order_id });
-                }
+                // A charge sent again is answered by the processor (same command id), not
+                // refused here: the account does not remember orders.
                 // An account never funded has a balance of 0: every charge is declined.
                 if amount_cents.0 > self.balance_cents {
                     return Err(PaymentError::PaymentDeclined {
@@ -150,11 +176,18 @@ impl PaymentAccount {
                     amount_cents,
                 })
             }
-            PaymentCommand::RefundPayment { order_id } => {
-                let amount_cents = *self
-                    .charges
-                    .get(&order_id)
-                    .ok_or(PaymentError::ChargeNotFound { order_id })?;
+            PaymentCommand::RefundPayment {
+                order_id,
+                amount_cents,
+            } => {
+                // Named `charge_not_found` so a compensation counts it as nothing to undo.
+                if amount_cents.0 > self.outstanding_cents {
+                    return Err(PaymentError::ChargeNotFound {
+                        order_id,
+                        amount: amount_cents.0,
+                        outstanding: self.outstanding_cents,
+                    });
+                }
                 PaymentEvent::PaymentRefunded(PaymentRefunded {
                     order_id,
                     amount_cents,
@@ -192,11 +225,11 @@ impl Aggregate for PaymentAccount {
             }
             PaymentEvent::PaymentCharged(e) => {
                 self.balance_cents = self.balance_cents.saturating_sub(e.amount_cents.0);
-                self.charges.insert(e.order_id, e.amount_cents);
+                self.outstanding_cents = self.outstanding_cents.saturating_add(e.amount_cents.0);
             }
             PaymentEvent::PaymentRefunded(e) => {
                 self.balance_cents = self.balance_cents.saturating_add(e.amount_cents.0);
-                self.charges.remove(&e.order_id);
+                self.outstanding_cents = self.outstanding_cents.saturating_sub(e.amount_cents.0);
             }
         }
     }

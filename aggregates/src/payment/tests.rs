@@ -28,10 +28,31 @@ fn charged(n: u128, amount: u64) -> PaymentEvent {
     })
 }
 
+fn refunded(n: u128, amount: u64) -> PaymentEvent {
+    PaymentEvent::PaymentRefunded(PaymentRefunded {
+        order_id: order(n),
+        amount_cents: Cents(amount),
+    })
+}
+
 fn charge(n: u128, amount: u64) -> PaymentCommand {
     PaymentCommand::ChargePayment {
         order_id: order(n),
         amount_cents: Cents(amount),
+    }
+}
+
+fn refund(n: u128, amount: u64) -> PaymentCommand {
+    PaymentCommand::RefundPayment {
+        order_id: order(n),
+        amount_cents: Cents(amount),
+    }
+}
+
+/// Decides `command` and applies what it produced.
+fn run(account: &mut PaymentAccount, command: PaymentCommand) {
+    for event in account.decide(command).unwrap() {
+        account.apply(event);
     }
 }
 
@@ -89,49 +110,106 @@ fn charge_to_an_account_never_funded_is_declined() {
         });
 }
 
+/// The account does not remember orders: a charge sent twice is answered twice by the
+/// processor from its record of command ids, never decided here a second time.
 #[test]
-fn an_order_is_charged_once() {
+fn the_account_does_not_tell_orders_apart() {
     PaymentTest::with(())
         .given(vec![deposited(500), charged(1, 100)])
         .when(charge(1, 100))
-        .then_expect_error(PaymentError::AlreadyCharged { order_id: order(1) });
+        .then_expect_events(vec![charged(1, 100)]);
 }
 
 #[test]
-fn refund_gives_back_exactly_what_was_charged() {
+fn refund_gives_back_the_amount_the_saga_charged() {
     PaymentTest::with(())
         .given(vec![deposited(500), charged(1, 120)])
-        .when(PaymentCommand::RefundPayment { order_id: order(1) })
-        .then_expect_events(vec![PaymentEvent::PaymentRefunded(PaymentRefunded {
+        .when(refund(1, 120))
+        .then_expect_events(vec![refunded(1, 120)]);
+}
+
+#[test]
+fn refund_above_what_is_charged_and_not_refunded_is_refused() {
+    PaymentTest::with(())
+        .given(vec![deposited(500), charged(1, 120), charged(2, 80)])
+        .when(refund(1, 201))
+        .then_expect_error(PaymentError::ChargeNotFound {
             order_id: order(1),
-            amount_cents: Cents(120),
-        })]);
+            amount: 201,
+            outstanding: 200,
+        });
 }
 
 #[test]
 fn refund_without_a_charge_is_refused_so_money_is_conserved() {
-    let refunded = PaymentEvent::PaymentRefunded(PaymentRefunded {
-        order_id: order(1),
-        amount_cents: Cents(120),
-    });
     PaymentTest::with(())
-        .given(vec![deposited(500), charged(1, 120), refunded])
-        .when(PaymentCommand::RefundPayment { order_id: order(1) })
-        .then_expect_error(PaymentError::ChargeNotFound { order_id: order(1) });
+        .given(vec![deposited(500), charged(1, 120), refunded(1, 120)])
+        .when(refund(1, 120))
+        .then_expect_error(PaymentError::ChargeNotFound {
+            order_id: order(1),
+            amount: 120,
+            outstanding: 0,
+        });
 }
 
 #[test]
-fn balance_follows_charges_and_refunds() {
+fn balance_follows_charges_and_refunds_and_nothing_is_made_up() {
     let mut account = PaymentAccount::default();
     for event in [deposited(1000), charged(1, 300), charged(2, 200)] {
         account.apply(event);
     }
-    assert_eq!(account.balance_cents, 500);
-    for event in account
-        .decide(PaymentCommand::RefundPayment { order_id: order(1) })
-        .unwrap()
-    {
-        account.apply(event);
+    assert_eq!(
+        (account.balance_cents, account.outstanding_cents),
+        (500, 500)
+    );
+    run(&mut account, refund(1, 300));
+    assert_eq!(
+        (account.balance_cents, account.outstanding_cents),
+        (800, 200)
+    );
+    assert_eq!(
+        account.balance_cents + account.outstanding_cents,
+        1000,
+        "everything deposited is in the balance or charged"
+    );
+}
+
+/// The account's cost per command (its clone, its snapshot) does not grow with the
+/// customer's history: neither with orders compensated nor with orders kept.
+#[test]
+fn an_account_does_not_grow_with_its_history() {
+    let size = |a: &PaymentAccount| serde_json::to_vec(a).unwrap().len();
+    let mut account = PaymentAccount::default();
+    account.apply(deposited(PaymentAccount::MAX_BALANCE));
+    run(&mut account, charge(0, 12_345));
+    run(&mut account, refund(0, 12_345));
+    let after_one = size(&account);
+    for n in 1..=1_000 {
+        run(&mut account, charge(n, 12_345));
+        run(&mut account, refund(n, 12_345));
     }
-    assert_eq!(account.balance_cents, 800);
+    assert_eq!(size(&account), after_one, "1,000 charge/refund pairs later");
+
+    // Charges never refunded (confirmed orders) only change numbers, within these bounds.
+    let widest = size(&PaymentAccount {
+        customer_id: Some(alice()),
+        balance_cents: u64::MAX,
+        outstanding_cents: u64::MAX,
+    });
+    for n in 1_001..=2_000 {
+        run(&mut account, charge(n, 12_345));
+    }
+    assert!(size(&account) <= widest, "1,000 kept charges later");
+    assert_eq!(account.outstanding_cents, 1_000 * 12_345);
+}
+
+/// A state saved before `outstanding_cents` existed still loads, and refuses refunds
+/// rather than giving back money it cannot account for.
+#[test]
+fn a_state_from_before_the_totals_loads() {
+    let old = r#"{"customer_id":"alice","balance_cents":500,
+        "charges":{"00000000-0000-0000-0000-000000000001":120}}"#;
+    let account: PaymentAccount = serde_json::from_str(old).unwrap();
+    assert_eq!((account.balance_cents, account.outstanding_cents), (500, 0));
+    assert!(account.decide(refund(1, 1)).is_err());
 }

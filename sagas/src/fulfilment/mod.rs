@@ -10,9 +10,16 @@
 //!
 //! On a failure, a timeout or a cancellation the saga compensates in reverse: refund what
 //! was charged, release what is reserved, return what was sold — then rejects the order
-//! (not for a cancellation: the order is cancelled already). A step whose outcome is
-//! unknown (it timed out) is compensated too, without waiting: its compensation sits
-//! behind it on the same partition, so it undoes a late success or finds nothing to undo.
+//! (not for a cancellation: the order is cancelled already). A reservation whose outcome
+//! is unknown (it timed out) is released too, without waiting: its release sits behind it
+//! on the same partition, so it undoes a late success or finds nothing to undo.
+//!
+//! A charge is refunded only once the saga knows it went through, with the amount it
+//! charged: the payment account keeps totals, not each order's charge, so it cannot tell
+//! a late charge from none. The saga is what guarantees a refund never exceeds its charge
+//! and is sent once (one refund step, a deterministic command id). A charge that timed out
+//! still gets its answer — the processor refuses it `command_expired` past its deadline,
+//! or took it in time — and the saga refunds it when that answer says it was taken.
 
 mod events;
 #[cfg(test)]
@@ -344,10 +351,14 @@ impl Fulfilment {
     }
 
     /// The step and reply key a command id belongs to, if the saga still waits for it.
+    /// A charge that timed out still waits: its late answer says whether there is money
+    /// to give back.
     fn awaiting(&self, command_id: Uuid) -> Option<(usize, String)> {
         let order_id = self.order_id?;
         self.steps.iter().enumerate().find_map(|(i, step)| {
-            if step.status != StepStatus::Started {
+            let late_charge =
+                step.name == StepName::ChargePayment && step.status == StepStatus::TimedOut;
+            if step.status != StepStatus::Started && !late_charge {
                 return None;
             }
             step.keys()
@@ -383,6 +394,17 @@ impl Fulfilment {
             .collect();
         if !ended.is_empty() {
             return ended;
+        }
+        // A charge that timed out went through after all: the saga compensates, so give it
+        // back (the rejection, if not sent yet, waits for the refund).
+        if self.refund_owed() {
+            return vec![started(
+                StepName::RefundPayment,
+                Vec::new(),
+                None,
+                true,
+                now,
+            )];
         }
         match self.status {
             Some(SagaStatus::Running) => {}
@@ -467,8 +489,21 @@ impl Fulfilment {
         }
     }
 
-    /// Starts compensating: undo what was done (awaited) and what may have been done
-    /// (not awaited), in reverse order of the forward steps.
+    /// A charge is refunded once: when the saga compensates, its charge was taken (in time
+    /// or late), and no refund step was started yet.
+    fn refund_owed(&self) -> bool {
+        let charged = self
+            .steps
+            .iter()
+            .any(|s| s.name == StepName::ChargePayment && s.replies.get("").is_some_and(|r| r.ok));
+        let refunding = self.steps.iter().any(|s| s.name == StepName::RefundPayment);
+        self.failure_reason.is_some() && charged && !refunding
+    }
+
+    /// Starts compensating: undo what was done (awaited) and release reservations that may
+    /// have been made (not awaited), in reverse order of the forward steps. A charge that
+    /// may have been taken is not refunded blindly: its late answer decides
+    /// ([`Fulfilment::refund_owed`]).
     fn compensate(&self, reason: FailureReason, now: DateTime<Utc>) -> Vec<FulfilmentEvent> {
         let mut events = vec![FulfilmentEvent::CompensationStarted(CompensationStarted {
             reason,
@@ -495,14 +530,6 @@ impl Fulfilment {
                 Vec::new(),
                 None,
                 true,
-                now,
-            ));
-        } else if charge.is_some_and(|c| c.status == StepStatus::TimedOut) {
-            events.push(started(
-                StepName::RefundPayment,
-                Vec::new(),
-                None,
-                false,
                 now,
             ));
         }
@@ -577,7 +604,12 @@ impl Fulfilment {
                 order_id,
                 amount_cents: Cents(self.total_cents),
             }),
-            StepName::RefundPayment => payment(PaymentCommand::RefundPayment { order_id }),
+            // The amount the charge took: the account checks only that it has that much
+            // charged and not refunded.
+            StepName::RefundPayment => payment(PaymentCommand::RefundPayment {
+                order_id,
+                amount_cents: Cents(self.total_cents),
+            }),
             StepName::ConfirmOrder => order(OrderCommand::ConfirmOrder),
             StepName::RejectOrder => {
                 let reason = self

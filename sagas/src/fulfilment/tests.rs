@@ -212,27 +212,92 @@ fn a_reservation_past_its_deadline_is_released_without_waiting_and_rejected_with
 }
 
 #[test]
-fn a_charge_past_its_deadline_is_refunded_blindly_and_expired_commands_mean_timeout() {
+fn a_charge_past_its_deadline_is_not_refunded_blindly_and_expired_commands_mean_timeout() {
     let mut run = Run::placed(&[("a", 1)]);
     run.answer("ReserveStock", "a", true, None);
     run.now = t0() + Duration::seconds(61);
     let next = run.feed(Input::Tick);
-    assert_eq!(names(&next), ["RefundPayment:c-1", "ReleaseStock:a"]);
-    assert!(
-        !run.saga.steps[2].awaited,
-        "the refund of an unknown charge is not awaited"
+    assert_eq!(
+        names(&next),
+        ["ReleaseStock:a"],
+        "the account cannot tell a late charge from none: no refund of a guess"
     );
     let next = run.answer("ReleaseStock", "a", true, None);
     assert_eq!(next[0].command["RejectOrder"]["reason"], "timeout");
-    // The refund finds no charge: for a compensation that is success.
-    run.answer("RefundPayment", "c-1", false, Some("charge_not_found"));
-    assert_eq!(run.saga.steps[2].status, StepStatus::Completed);
+    run.feed(Input::Reply {
+        command_id: next[0].command_id,
+        ok: true,
+        code: None,
+    });
+    assert_eq!(run.saga.status, Some(SagaStatus::Compensated));
+    // The charge's late answer: it expired, so there is nothing to give back.
+    let late = run.answer("ChargePayment", "c-1", false, Some(EXPIRED));
+    assert!(late.is_empty(), "{late:?}");
+    assert_eq!(
+        run.timeline(),
+        [
+            ("reserve_stock", "completed"),
+            ("charge_payment", "timed_out"),
+            ("release_stock", "completed"),
+            ("reject_order", "completed")
+        ]
+    );
 
     let mut run = Run::placed(&[("a", 1)]);
     run.answer("ReserveStock", "a", true, None);
     run.answer("ChargePayment", "c-1", false, Some(EXPIRED));
     let next = run.answer("ReleaseStock", "a", true, None);
     assert_eq!(next[0].command["RejectOrder"]["reason"], "timeout");
+}
+
+#[test]
+fn a_charge_taken_after_its_deadline_is_refunded_once_with_its_amount() {
+    // The late answer comes while the stock is being released: the rejection waits for
+    // the refund too.
+    let mut run = Run::placed(&[("a", 1)]);
+    run.answer("ReserveStock", "a", true, None);
+    run.now = t0() + Duration::seconds(61);
+    run.feed(Input::Tick);
+    let refund = run.answer("ChargePayment", "c-1", true, None);
+    assert_eq!(names(&refund), ["RefundPayment:c-1"]);
+    assert_eq!(refund[0].command["RefundPayment"]["amount_cents"], 500);
+    assert!(run.saga.steps[3].awaited);
+    assert!(
+        run.answer("ChargePayment", "c-1", true, None).is_empty(),
+        "a duplicate answer refunds nothing more"
+    );
+    assert!(run.answer("ReleaseStock", "a", true, None).is_empty());
+    let next = run.answer("RefundPayment", "c-1", true, None);
+    assert_eq!(next[0].command["RejectOrder"]["reason"], "timeout");
+
+    // The late answer comes after the saga ended: the money still goes back.
+    let mut run = Run::placed(&[("a", 1)]);
+    run.answer("ReserveStock", "a", true, None);
+    run.now = t0() + Duration::seconds(61);
+    run.feed(Input::Tick);
+    let reject = run.answer("ReleaseStock", "a", true, None);
+    run.feed(Input::Reply {
+        command_id: reject[0].command_id,
+        ok: true,
+        code: None,
+    });
+    assert_eq!(run.saga.status, Some(SagaStatus::Compensated));
+    let refund = run.answer("ChargePayment", "c-1", true, None);
+    assert_eq!(names(&refund), ["RefundPayment:c-1"]);
+    assert_eq!(refund[0].command_id, command_id_for(ORDER, 4, ""));
+    run.answer("RefundPayment", "c-1", true, None);
+    assert_eq!(run.saga.status, Some(SagaStatus::Compensated));
+    assert_eq!(
+        run.timeline(),
+        [
+            ("reserve_stock", "completed"),
+            ("charge_payment", "timed_out"),
+            ("release_stock", "completed"),
+            ("reject_order", "completed"),
+            ("refund_payment", "completed")
+        ]
+    );
+    assert!(run.answer("ChargePayment", "c-1", true, None).is_empty());
 }
 
 #[test]
@@ -249,6 +314,10 @@ fn cancelling_a_confirmed_order_returns_the_stock_and_refunds() {
     assert_eq!(run.saga.status, Some(SagaStatus::Completed));
     let next = run.feed(Input::Cancelled);
     assert_eq!(names(&next), ["RefundPayment:c-1", "ReturnStock:a"]);
+    assert_eq!(
+        next[0].command["RefundPayment"]["amount_cents"], 500,
+        "the amount the saga charged"
+    );
     assert_eq!(next[1].command["ReturnStock"]["quantity"], 3);
     run.answer("RefundPayment", "c-1", true, None);
     let last = run.answer("ReturnStock", "a", true, None);
