@@ -46,6 +46,9 @@ use crate::readiness::Readiness;
 /// The event streams, one per aggregate type: `<prefix>.<stream>.events` / `.commands`.
 pub const STREAMS: [&str; 3] = [Order::STREAM, Inventory::STREAM, PaymentAccount::STREAM];
 
+/// The sagas, each with its own stream: `<prefix>.<saga>.events` / `.inbox` / `.state`.
+pub const SAGAS: [&str; 1] = [aggregates::streams::FULFILMENT];
+
 /// The header that carries a request's correlation id, in and out.
 pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
 
@@ -197,7 +200,7 @@ async fn open(common: &CommonArgs) -> anyhow::Result<(AppState, eventlog::LogIde
     .await?;
     ensure_topics(
         &kafka,
-        &Topics::new(&kafka.topic_prefix).all(&STREAMS, &kafka),
+        &Topics::new(&kafka.topic_prefix).all(&STREAMS, &SAGAS, &kafka),
     )
     .await?;
     let log = retry_until(deadline, "Kafka", || eventlog::log_identity(&kafka)).await?;

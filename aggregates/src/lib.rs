@@ -1,19 +1,23 @@
 //! Tally's pure domain: the `Order`, `Inventory` (one per SKU) and `PaymentAccount` (one
-//! per customer) aggregates, as cqrs-es aggregates.
+//! per customer) aggregates, as cqrs-es aggregates, and the order-fulfilment saga's state
+//! machine ([`fulfilment`]) that coordinates them.
 //!
 //! This is the first crate to read. It holds every business rule of API.md and nothing
 //! else: no Kafka, no SQL, no HTTP, no clock. The write side (`commands`) rebuilds these
-//! aggregates from the event topics and calls `handle`; the saga (`sagas`) sends them
-//! commands; the read side (`projections`) folds their events into views.
+//! aggregates from the event topics and calls `handle`; the saga runtime (`sagas`) feeds
+//! [`fulfilment`] its inputs and sends the commands it decides; the read side
+//! (`projections`) folds all their events into views. [`streams`] names their streams.
 //!
 //! Each aggregate has a `decide(&self, command) -> Result<Vec<Event>, Error>` that is the
 //! whole rule book, and `apply` that folds one event into the state. `apply` never fails:
 //! the log is the truth, and anything in it must load.
 
+pub mod fulfilment;
 pub mod inventory;
 pub mod order;
 pub mod payment;
 pub mod schema;
+pub mod streams;
 pub mod values;
 
 pub use inventory::{Inventory, InventoryCommand, InventoryError, InventoryEvent};

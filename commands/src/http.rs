@@ -22,9 +22,10 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::bus::{CommandBus, DispatchError};
-use crate::idempotency::{self, Claim};
+use crate::idempotency::{self, Answer, Claim};
 use crate::stream::CommandStream;
 use crate::wire::{CommandEnvelope, CommandResult};
+use eventlog::{Code, Outcome};
 
 /// The OpenAPI description of the command routes.
 #[derive(utoipa::OpenApi)]
@@ -448,7 +449,7 @@ impl CommandApi {
             .try_submit::<A>(parts, raw_body, parsed, command_id)
             .await
         {
-            Ok(result) => answer(&result),
+            Ok(answer) => respond(&answer),
             Err(e) => e.into_response(),
         };
         self.metrics.record_request(
@@ -466,7 +467,7 @@ impl CommandApi {
         raw_body: &Value,
         parsed: Parsed<Value>,
         command_id: Option<Uuid>,
-    ) -> Result<CommandResult, ApiError> {
+    ) -> Result<Answer, ApiError> {
         let expected_version = if_match(&parts.headers)?;
         let key = idempotency_key(&parts.headers)?;
         // Only a rule violation is an answer of its own that a key must remember (API.md):
@@ -511,18 +512,17 @@ impl CommandApi {
             Ok(parsed) => parsed,
             Err(rejected) => {
                 // A rule violation found before Kafka: the key's answer all the same.
-                let result = CommandResult {
+                let answer = Answer {
                     command_id,
                     status: rejected.status.as_u16(),
                     body: rejected.body(),
-                    idempotent: true,
                 };
                 if key.is_some() {
-                    idempotency::settle(&self.pool, &result)
+                    idempotency::settle(&self.pool, &answer)
                         .await
                         .map_err(ApiError::internal)?;
                 }
-                return Ok(result);
+                return Ok(answer);
             }
         };
         let mut aggregate_id = aggregate_id;
@@ -578,18 +578,69 @@ impl CommandApi {
                  Idempotency-Key, a retry is safe)"
             ))),
         };
+        let answer = answer(&result);
         if key.is_some() {
-            idempotency::settle(&self.pool, &result)
+            idempotency::settle(&self.pool, &answer)
                 .await
                 .map_err(ApiError::internal)?;
         }
-        Ok(result)
+        Ok(answer)
     }
 }
 
-fn answer(result: &CommandResult) -> Response {
-    let status = StatusCode::from_u16(result.status).unwrap_or(StatusCode::OK);
-    (status, Json(result.body.clone())).into_response()
+/// The HTTP status of a processor's outcome (API.md): `201` for a creation, `200` for
+/// another acceptance, and each refusal's own status.
+pub fn status(outcome: &Outcome) -> StatusCode {
+    match outcome {
+        Outcome::Accepted { created: true, .. } => StatusCode::CREATED,
+        Outcome::Accepted { .. } => StatusCode::OK,
+        Outcome::Rejected(r) => match r.code {
+            Code::MalformedRequest => StatusCode::BAD_REQUEST,
+            Code::Forbidden => StatusCode::FORBIDDEN,
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::CommandExpired => StatusCode::REQUEST_TIMEOUT,
+            Code::VersionConflict => StatusCode::CONFLICT,
+            Code::RuleViolation => StatusCode::UNPROCESSABLE_ENTITY,
+        },
+    }
+}
+
+/// A processor's outcome as the HTTP answer: the acceptance body, or the error shape
+/// with the rule in `details.rule`.
+pub fn answer(result: &CommandResult) -> Answer {
+    let body = match &result.outcome {
+        Outcome::Accepted {
+            aggregate_id,
+            version,
+            token,
+            ..
+        } => {
+            json!({ "aggregate_id": aggregate_id, "version": version, "consistency_token": token })
+        }
+        Outcome::Rejected(r) => {
+            let mut details = r.details.clone();
+            if let Some(rule) = &r.rule {
+                let merged = details.get_or_insert_with(|| json!({}));
+                if let Some(object) = merged.as_object_mut() {
+                    object.insert("rule".to_string(), json!(rule));
+                }
+            }
+            let mut error =
+                ApiError::new(status(&result.outcome), r.code.as_str(), r.message.clone());
+            error.details = details;
+            error.body()
+        }
+    };
+    Answer {
+        command_id: result.command_id,
+        status: status(&result.outcome).as_u16(),
+        body,
+    }
+}
+
+fn respond(answer: &Answer) -> Response {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+    (status, Json(answer.body.clone())).into_response()
 }
 
 /// `If-Match: 3` or `If-Match: "3"`.

@@ -17,7 +17,13 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::wire::CommandResult;
+/// The HTTP answer to a keyed command: what its key remembers and answers a retry with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub command_id: Uuid,
+    pub status: u16,
+    pub body: Value,
+}
 
 /// What a key is to this request.
 #[derive(Debug, PartialEq)]
@@ -28,7 +34,7 @@ pub enum Claim {
     /// with the first outcome), or answer with the stored outcome when there is one.
     Repeat {
         command_id: Uuid,
-        answer: Option<CommandResult>,
+        answer: Option<Answer>,
     },
     /// Seen with another method, path or body.
     Reused,
@@ -100,11 +106,10 @@ pub async fn claim(
 
 fn repeat(command_id: Uuid, status: Option<i16>, body: Option<Value>) -> Claim {
     let answer = match (status, body) {
-        (Some(status), Some(body)) => Some(CommandResult {
+        (Some(status), Some(body)) => Some(Answer {
             command_id,
             status: status as u16,
             body,
-            idempotent: true,
         }),
         _ => None,
     };
@@ -135,7 +140,7 @@ async fn legacy(
 
 /// Settles the first answer to the key that holds `result.command_id`: stores it when
 /// it [`uses_up_key`], else releases the claim (only while it is still unanswered).
-pub async fn settle(pool: &PgPool, result: &CommandResult) -> sqlx::Result<()> {
+pub async fn settle(pool: &PgPool, result: &Answer) -> sqlx::Result<()> {
     if !uses_up_key(result.status) {
         return release(pool, result.command_id).await;
     }

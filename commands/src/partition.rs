@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use eventlog::owner::{after_failure, Partition};
@@ -19,7 +19,6 @@ use eventlog::{
     TxnProducer,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -28,7 +27,7 @@ use crate::local::Work;
 use crate::processor::Shared;
 use crate::stream::{version_conflict, CommandStream};
 use crate::wire::{CommandEnvelope, CommandResult, ReplyTo};
-use eventlog::{ConsistencyToken, Position};
+use eventlog::{Code, ConsistencyToken, Outcome, Position};
 
 /// Most commands in one transaction.
 const MAX_BATCH: usize = 1_000;
@@ -146,10 +145,10 @@ struct Pending {
     reply_to: Option<ReplyTo>,
     /// The command's type, for the metrics.
     command: String,
-    outcome: Outcome,
+    outcome: Decided,
 }
 
-enum Outcome {
+enum Decided {
     Done(CommandResult),
     /// Accepted: the body needs the offset of its last event, known after delivery.
     Accepted {
@@ -422,18 +421,19 @@ impl<A: CommandStream> PartitionWorker<A> {
                 bytes,
             });
         }
-        let next_changelog = self
-            .producer
-            .flush(state_sends)
-            .await?
-            .last()
-            .map(|(_, offset)| (offset + 1, events_next));
+        // The states' deliveries are awaited with the rest at the commit, not here: no
+        // round trip of their own. They go first, so their offsets are the first landed.
+        let states = state_sends.len();
+        let mut other_sends = state_sends
+            .into_iter()
+            .chain(other_sends)
+            .collect::<Vec<_>>();
         let mut results = Vec::with_capacity(pending.len());
         let mut decided = Vec::with_capacity(pending.len());
         for p in pending {
             let result = match p.outcome {
-                Outcome::Done(result) => result,
-                Outcome::Accepted {
+                Decided::Done(result) => result,
+                Decided::Accepted {
                     aggregate_id,
                     version,
                     created,
@@ -449,8 +449,12 @@ impl<A: CommandStream> PartitionWorker<A> {
                     CommandResult {
                         command_id: p.command_id,
                         idempotent: p.idempotent,
-                        status: if created { 201 } else { 200 },
-                        body: json!({ "aggregate_id": aggregate_id, "version": version, "consistency_token": token.encode() }),
+                        outcome: Outcome::Accepted {
+                            aggregate_id,
+                            version,
+                            created,
+                            token: token.encode(),
+                        },
                     }
                 }
             };
@@ -487,7 +491,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                     OwnedHeaders::new(),
                 )?);
             }
-            decided.push((p.command, result.status));
+            decided.push((p.command, crate::http::status(&result.outcome).as_u16()));
             results.push((result, p.idempotent, keyed_over_http));
         }
 
@@ -497,10 +501,16 @@ impl<A: CommandStream> PartitionWorker<A> {
                 .send_offsets(&self.producer, [(topic.as_str(), last + 1)])
                 .await?;
         }
-        self.producer
+        let landed = self
+            .producer
             .commit(other_sends)
             .await
             .map_err(anyhow::Error::new)?;
+        let next_changelog = landed[..states]
+            .iter()
+            .map(|(_, offset)| offset + 1)
+            .max()
+            .map(|next| (next, events_next));
         Ok((changed, next_changelog, results, decided, events))
     }
 
@@ -537,7 +547,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                 remote,
                 reply_to: envelope.reply_to.clone(),
                 command: crate::metrics::command_name(&envelope.command),
-                outcome: Outcome::Done(previous.clone()),
+                outcome: Decided::Done(previous.clone()),
             });
             return Ok(());
         }
@@ -546,11 +556,10 @@ impl<A: CommandStream> PartitionWorker<A> {
             Some(slot) => slot.clone(),
             None => self.aggregates.get(&id)?.unwrap_or_default(),
         };
-        let rejected = |error: api::ApiError| {
-            Outcome::Done(CommandResult {
+        let rejected = |outcome: Outcome| {
+            Decided::Done(CommandResult {
                 command_id: envelope.command_id,
-                status: error.status.as_u16(),
-                body: error.body(),
+                outcome,
                 idempotent: envelope.idempotent,
             })
         };
@@ -563,24 +572,24 @@ impl<A: CommandStream> PartitionWorker<A> {
                 slot.state.owner().is_some_and(|owner| owner != customer)
             }) =>
             {
-                rejected(api::auth::forbidden(
+                rejected(Outcome::rejected(
+                    Code::Forbidden,
                     "this token's customer may act only on its own orders",
                 ))
             }
             _ if envelope.deadline.is_some_and(|deadline| now > deadline) => {
-                rejected(api::ApiError::new(
-                    axum::http::StatusCode::REQUEST_TIMEOUT,
-                    "command_expired",
+                rejected(Outcome::rejected(
+                    Code::CommandExpired,
                     "the command reached its processor after its deadline; nothing was changed",
                 ))
             }
             (Some(expected), _) if expected != slot.version => {
                 rejected(version_conflict(expected, slot.version))
             }
-            (_, Err(e)) => rejected(api::ApiError::malformed(format!(
-                "not a {} command: {e}",
-                A::STREAM
-            ))),
+            (_, Err(e)) => rejected(Outcome::rejected(
+                Code::MalformedRequest,
+                format!("not a {} command: {e}", A::STREAM),
+            )),
             (_, Ok(command)) => {
                 let mut state = slot.state.clone();
                 let sink = EventSink::default();
@@ -615,7 +624,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                             )?);
                         }
                         txn.staged.insert(id.clone(), Slot { state, version });
-                        Outcome::Accepted {
+                        Decided::Accepted {
                             aggregate_id: id.clone(),
                             version,
                             created: slot.version == 0,
@@ -627,9 +636,8 @@ impl<A: CommandStream> PartitionWorker<A> {
         };
         if tracing::enabled!(tracing::Level::DEBUG) {
             let status = match &outcome {
-                Outcome::Done(result) => result.status,
-                Outcome::Accepted { created: true, .. } => 201,
-                Outcome::Accepted { .. } => 200,
+                Decided::Done(result) => result.outcome.refusal().unwrap_or("accepted"),
+                Decided::Accepted { .. } => "accepted",
             };
             debug!(
                 stream = A::STREAM,
@@ -639,7 +647,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                 correlation_id = envelope.correlation_id.as_deref().unwrap_or_default(),
                 trace_id = envelope.traceparent.as_deref().and_then(eventlog::trace::trace_id).unwrap_or_default(),
                 actor = envelope.actor.as_deref().unwrap_or_default(),
-                status,
+                outcome = status,
                 "command decided"
             );
         }
@@ -722,28 +730,10 @@ fn fold<A: CommandStream>(
     aggregates: &mut HashMap<String, Slot<A>>,
     message: &BorrowedMessage<'_>,
 ) -> anyhow::Result<()> {
-    let at = || {
-        format!(
-            "{}/{}/{}",
-            message.topic(),
-            message.partition(),
-            message.offset()
-        )
-    };
-    let envelope: EventEnvelope = serde_json::from_slice(message.payload().unwrap_or_default())
-        .with_context(|| format!("event at {} is not an envelope", at()))?;
-    let event = envelope
-        .decode::<A::Event>()
-        .with_context(|| format!("event {} at {} does not decode", envelope.event_type, at()))?;
+    let (envelope, event) = state::next_event::<A::Event>(message, |id| {
+        aggregates.get(id).map_or(0, |slot| slot.version)
+    })?;
     let slot = aggregates.entry(envelope.aggregate_id).or_default();
-    if envelope.sequence != slot.version + 1 {
-        bail!(
-            "sequence gap at {}: {} after {}",
-            at(),
-            envelope.sequence,
-            slot.version
-        );
-    }
     slot.state.apply(event);
     slot.version = envelope.sequence;
     Ok(())

@@ -1,10 +1,11 @@
 //! What the write side needs to know of each aggregate type beyond cqrs-es: its stream
-//! name (topic names) and how its refusals map to HTTP answers.
+//! name (topic names) and how its refusals read as typed outcomes.
 
-use aggregates::{Inventory, InventoryError, Order, OrderError, PaymentAccount, PaymentError};
-use api::ApiError;
-use axum::http::StatusCode;
+use aggregates::{
+    streams, Inventory, InventoryError, Order, OrderError, PaymentAccount, PaymentError,
+};
 use cqrs_es::Aggregate;
+use eventlog::{Code, Outcome};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -26,8 +27,8 @@ pub trait CommandStream:
     /// trusting snapshots of the old form (ADR 10).
     const STATE_SCHEMA: u32 = 1;
 
-    /// The HTTP answer for a command this aggregate refused.
-    fn rejection(err: &Self::Error) -> ApiError;
+    /// The outcome of a command this aggregate refused (an [`Outcome::Rejected`]).
+    fn rejection(err: &Self::Error) -> Outcome;
 
     /// The customer this aggregate belongs to, if it belongs to one that a `customer`
     /// token must match (an order's customer).
@@ -36,16 +37,16 @@ pub trait CommandStream:
     }
 }
 
-fn rule(rule: &str, err: &impl std::fmt::Display) -> ApiError {
-    ApiError::rule_violation(rule, err.to_string())
+fn rule(rule: &str, err: &impl std::fmt::Display) -> Outcome {
+    Outcome::rule_violation(rule, err.to_string())
 }
 
 impl CommandStream for Order {
-    const STREAM: &'static str = "order";
+    const STREAM: &'static str = streams::ORDER;
 
-    fn rejection(err: &OrderError) -> ApiError {
+    fn rejection(err: &OrderError) -> Outcome {
         if err.is_not_found() {
-            ApiError::not_found(err.to_string())
+            Outcome::rejected(Code::NotFound, err.to_string())
         } else {
             rule(err.rule(), err)
         }
@@ -57,26 +58,25 @@ impl CommandStream for Order {
 }
 
 impl CommandStream for Inventory {
-    const STREAM: &'static str = "inventory";
+    const STREAM: &'static str = streams::INVENTORY;
 
-    fn rejection(err: &InventoryError) -> ApiError {
+    fn rejection(err: &InventoryError) -> Outcome {
         rule(err.rule(), err)
     }
 }
 
 impl CommandStream for PaymentAccount {
-    const STREAM: &'static str = "payment";
+    const STREAM: &'static str = streams::PAYMENT;
 
-    fn rejection(err: &PaymentError) -> ApiError {
+    fn rejection(err: &PaymentError) -> Outcome {
         rule(err.rule(), err)
     }
 }
 
-/// The HTTP answer `If-Match` gets when the aggregate is at another version.
-pub fn version_conflict(expected: u64, current: u64) -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        "version_conflict",
+/// The outcome of a command whose `If-Match` names another version than the aggregate's.
+pub fn version_conflict(expected: u64, current: u64) -> Outcome {
+    Outcome::rejected(
+        Code::VersionConflict,
         format!("If-Match was {expected} but the aggregate is at version {current}; read it again and retry"),
     )
     .with_details(serde_json::json!({ "current_version": current, "expected_version": expected }))

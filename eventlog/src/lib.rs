@@ -38,7 +38,7 @@ pub use reader::{consumer_lags, offset_for_time, read_partition, watermarks};
 pub use token::{ConsistencyToken, Position};
 pub use topics::{check_connection, ensure_topics, TopicSpec, Topics, OUTCOMES_RETENTION};
 pub use txn::{classify, CommitError, Delivery, Landed, TxnErrorKind, TxnProducer};
-pub use wire::{CommandEnvelope, CommandResult, ReplyTo};
+pub use wire::{Code, CommandEnvelope, CommandResult, Outcome, Rejection, ReplyTo};
 
 /// Re-exported so dependants use the same rdkafka as this crate.
 pub use rdkafka;

@@ -467,6 +467,37 @@ pub struct RestoreSpec<'a> {
     pub revoked: &'a tokio_util::sync::CancellationToken,
 }
 
+/// Reads one event of a rebuild for a `fold`: its envelope and typed event, checked to be
+/// the next of its aggregate, whose version so far `version` answers (0 for a new one).
+/// A gap or repeat is an error: the log must be read in order and exactly once.
+pub fn next_event<E: cqrs_es::DomainEvent>(
+    message: &rdkafka::message::BorrowedMessage<'_>,
+    version: impl FnOnce(&str) -> u64,
+) -> anyhow::Result<(crate::EventEnvelope, E)> {
+    let at = || {
+        format!(
+            "{}/{}/{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        )
+    };
+    let envelope: crate::EventEnvelope =
+        serde_json::from_slice(message.payload().unwrap_or_default())
+            .with_context(|| format!("event at {} is not an envelope", at()))?;
+    let event = envelope
+        .decode::<E>()
+        .with_context(|| format!("event {} at {} does not decode", envelope.event_type, at()))?;
+    let version = version(&envelope.aggregate_id);
+    anyhow::ensure!(
+        envelope.sequence == version + 1,
+        "sequence gap at {}: {} after {version}",
+        at(),
+        envelope.sequence
+    );
+    Ok((envelope, event))
+}
+
 /// Opens the partition's store and brings it up to the changelog's end, then folds any
 /// events the changelog does not cover yet (written before changelogs existed, or by a
 /// process of an older version) with `fold`, for the caller to [`seed`]. When the

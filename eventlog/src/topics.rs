@@ -61,14 +61,9 @@ impl Topics {
         format!("{}.{stream}.state", self.prefix)
     }
 
-    /// The order-fulfilment saga's own events, keyed by order id.
-    pub fn saga_events(&self) -> String {
-        format!("{}.saga.order-fulfilment.events", self.prefix)
-    }
-
     /// Outcomes of the commands the saga sent, keyed by saga (order) id.
-    pub fn saga_inbox(&self) -> String {
-        format!("{}.saga.order-fulfilment.inbox", self.prefix)
+    pub fn inbox(&self, saga: &str) -> String {
+        format!("{}.{saga}.inbox", self.prefix)
     }
 
     /// Records that could not be decoded or processed, with the error in headers.
@@ -82,8 +77,8 @@ impl Topics {
         format!("{}.meta", self.prefix)
     }
 
-    /// Every topic Tally uses for these streams, with its settings.
-    pub fn all(&self, streams: &[&str], config: &KafkaConfig) -> Vec<TopicSpec> {
+    /// Every topic Tally uses for these aggregate streams and sagas, with its settings.
+    pub fn all(&self, streams: &[&str], sagas: &[&str], config: &KafkaConfig) -> Vec<TopicSpec> {
         let p = config.partitions;
         let mut specs = Vec::new();
         for stream in streams {
@@ -93,10 +88,12 @@ impl Topics {
             specs.push(TopicSpec::new(self.command_outcomes(stream), p, WEEK_MS));
             specs.push(TopicSpec::changelog(self.state(stream), p));
         }
-        specs.push(TopicSpec::changelog(self.state("saga.order-fulfilment"), p));
+        for saga in sagas {
+            specs.push(TopicSpec::new(self.events(saga), p, FOREVER));
+            specs.push(TopicSpec::new(self.inbox(saga), p, WEEK_MS));
+            specs.push(TopicSpec::changelog(self.state(saga), p));
+        }
         specs.push(TopicSpec::new(self.command_results(), p, DAY_MS));
-        specs.push(TopicSpec::new(self.saga_events(), p, FOREVER));
-        specs.push(TopicSpec::new(self.saga_inbox(), p, WEEK_MS));
         specs.push(TopicSpec::new(self.dead_letters(), 1, FOREVER));
         specs.push(TopicSpec::new(self.meta(), 1, FOREVER));
         specs

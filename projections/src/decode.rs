@@ -3,10 +3,10 @@
 //! version this build knows. Only records that fail here are dead-lettered; any error
 //! after this point is the database's, and is retried.
 
+use aggregates::fulfilment::Fulfilment;
 use aggregates::{Inventory, Order, PaymentAccount};
 use cqrs_es::{Aggregate, DomainEvent};
 use eventlog::EventEnvelope;
-use sagas::Fulfilment;
 
 use crate::kinds::streams;
 

@@ -136,7 +136,7 @@ impl QueryApi {
         if events.is_empty() {
             return Err(ApiError::not_found(format!("no {aggregate_type} {id}")));
         }
-        if aggregate_type == "order" {
+        if aggregate_type == aggregates::streams::ORDER {
             require_customer(principal, order_customer(&events))?;
         }
         Ok(Json(json!({ "events": events })).into_response())
@@ -247,7 +247,7 @@ pub(crate) async fn get_saga(
                             "order {order_id} has no saga: it was never placed (or the saga projection has not seen it yet)"
                         ))
                     })?;
-            let saga: sagas::Fulfilment =
+            let saga: aggregates::fulfilment::Fulfilment =
                 serde_json::from_value(state).map_err(ApiError::internal)?;
             let customer = saga.customer_id.as_ref().map(|c| c.as_str());
             require_customer(principal.as_deref(), customer.unwrap_or_default())?;
@@ -264,7 +264,9 @@ async fn order_at_version(
     order_id: Uuid,
     at: i64,
 ) -> Result<Response, ApiError> {
-    let events = api.history("order", &order_id.to_string()).await?;
+    let events = api
+        .history(aggregates::streams::ORDER, &order_id.to_string())
+        .await?;
     if events.is_empty() {
         return Err(ApiError::not_found(format!("no order {order_id}")));
     }
@@ -483,8 +485,13 @@ pub(crate) async fn inventory_events(
             let sku = parse_sku(&sku)?;
             // Stock history names other customers' orders and quantities.
             require_admin(principal.as_deref(), "stock history")?;
-            api.events(&headers, principal.as_deref(), "inventory", sku.as_str())
-                .await
+            api.events(
+                &headers,
+                principal.as_deref(),
+                aggregates::streams::INVENTORY,
+                sku.as_str(),
+            )
+            .await
         }
         .await,
     )

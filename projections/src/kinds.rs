@@ -25,10 +25,7 @@ impl Record {
 
 /// The event streams projections read.
 pub(crate) mod streams {
-    pub const ORDER: &str = "order";
-    pub const INVENTORY: &str = "inventory";
-    pub const PAYMENT: &str = "payment";
-    pub const SAGA: &str = sagas::fulfilment::STREAM;
+    pub use aggregates::streams::{FULFILMENT as SAGA, INVENTORY, ORDER, PAYMENT};
 }
 
 /// A read model and the projector that keeps it.

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
+use aggregates::fulfilment::Fulfilment;
 use anyhow::Context;
-use sagas::Fulfilment;
 use serde_json::{json, Value};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;

@@ -2,11 +2,12 @@
 //! stock, charges the account and confirms the order, compensating in reverse on failure,
 //! cancellation or timeout, with its own state event-sourced on its topic.
 //!
-//! [`fulfilment`] is the saga as a pure state machine (read it first); [`runtime`] runs it
-//! on Kafka: one transaction per step, deadlines fired by the partition's owner.
+//! The saga itself is a pure state machine beside the aggregates
+//! (`aggregates::fulfilment`, read it first, re-exported here as [`fulfilment`]);
+//! [`runtime`] runs it on Kafka: one transaction per step, deadlines fired by the
+//! partition's owner.
 
-pub mod fulfilment;
-
+pub use aggregates::fulfilment;
 pub use fulfilment::{Fulfilment, FulfilmentEvent, SagaStatus};
 pub mod metrics;
 pub mod runtime;

@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::fulfilment::{Deadlines, Fulfilment, FulfilmentEvent, Input, SagaLine, STREAM};
 use crate::metrics::SagaMetrics;
+use aggregates::streams;
 
 /// Most inputs in one transaction.
 const MAX_BATCH: usize = 500;
@@ -78,7 +79,7 @@ pub async fn run(
     let spec = OwnerSpec {
         group: group.clone(),
         assignment: "range",
-        topics: vec![topics.events("order"), topics.saga_inbox()],
+        topics: vec![topics.events(streams::ORDER), topics.inbox(STREAM)],
         name: STREAM,
     };
     let kafka = config.kafka.clone();
@@ -250,7 +251,7 @@ impl Worker {
 
     /// Turns consumed records into inputs and runs them as one step.
     async fn consume(&mut self, batch: Vec<OwnedMessage>) -> anyhow::Result<()> {
-        let order_events = self.shared.topics.events("order");
+        let order_events = self.shared.topics.events(streams::ORDER);
         let mut work = Vec::with_capacity(batch.len());
         let mut consumed: HashMap<String, i64> = HashMap::new();
         for message in &batch {
@@ -355,7 +356,7 @@ impl Worker {
         let topics = &self.shared.topics;
         let kafka = &self.shared.config.kafka;
         let saga_events = topics.events(STREAM);
-        let reply_topic = topics.saga_inbox();
+        let reply_topic = topics.inbox(STREAM);
         let now = Utc::now();
         self.producer.begin().await?;
         let mut staged: HashMap<String, (Option<Slot>, Slot)> = HashMap::new();
@@ -482,12 +483,10 @@ impl Worker {
             )?);
             out.insert(id, (before, slot, bytes));
         }
-        let next_changelog = self
-            .producer
-            .flush(state_sends)
-            .await?
-            .last()
-            .map(|(_, offset)| (offset + 1, events_next));
+        // The states' deliveries are awaited with the rest at the commit: no round trip of
+        // their own. They go first, so their offsets are the first landed.
+        let states = state_sends.len();
+        let sends = state_sends.into_iter().chain(sends).collect::<Vec<_>>();
         if !consumed.is_empty() {
             self.owned
                 .send_offsets(
@@ -500,10 +499,16 @@ impl Worker {
             self.producer.abort().await?;
             return Ok((out, None));
         }
-        self.producer
+        let landed = self
+            .producer
             .commit(sends)
             .await
             .map_err(anyhow::Error::new)?;
+        let next_changelog = landed[..states]
+            .iter()
+            .map(|(_, offset)| offset + 1)
+            .max()
+            .map(|next| (next, events_next));
         self.shared.status.metrics.transaction();
         Ok((out, next_changelog))
     }
@@ -616,17 +621,12 @@ fn reply_input(message: &OwnedMessage) -> anyhow::Result<Option<Work>> {
     };
     let result: CommandResult = serde_json::from_slice(message.payload().unwrap_or_default())
         .context("not a command result")?;
-    let error = &result.body["error"];
-    let code = error["details"]["rule"]
-        .as_str()
-        .or_else(|| error["code"].as_str())
-        .map(String::from);
     Ok(Some(Work {
         saga_id: String::from_utf8_lossy(key).into_owned(),
         input: Input::Reply {
             command_id: result.command_id,
-            ok: (200..300).contains(&result.status),
-            code,
+            ok: result.outcome.is_accepted(),
+            code: result.outcome.refusal().map(String::from),
         },
         metadata: None,
     }))
@@ -657,26 +657,10 @@ fn unindex(value: i64) -> (bool, Option<DateTime<Utc>>) {
 
 /// Folds one committed saga event into the sagas being rebuilt.
 fn fold(sagas: &mut HashMap<String, Slot>, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
-    let at = || {
-        format!(
-            "{}/{}/{}",
-            message.topic(),
-            message.partition(),
-            message.offset()
-        )
-    };
-    let envelope: EventEnvelope = serde_json::from_slice(message.payload().unwrap_or_default())
-        .with_context(|| format!("saga event at {} is not an envelope", at()))?;
-    let event: FulfilmentEvent = envelope.decode()?;
+    let (envelope, event) = state::next_event::<FulfilmentEvent>(message, |id| {
+        sagas.get(id).map_or(0, |slot| slot.version)
+    })?;
     let slot = sagas.entry(envelope.aggregate_id).or_default();
-    if envelope.sequence != slot.version + 1 {
-        bail!(
-            "sequence gap at {}: {} after {}",
-            at(),
-            envelope.sequence,
-            slot.version
-        );
-    }
     if slot.version == 0 {
         slot.correlation_id = envelope.metadata.correlation_id.clone();
         slot.traceparent = envelope.metadata.traceparent.clone();

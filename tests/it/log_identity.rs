@@ -32,7 +32,7 @@ async fn stored_log_id(pool: &PgPool, prefix: &str) -> Option<Uuid> {
 /// longer list them: what deleting Kafka's data does to this prefix.
 async fn delete_topics(kafka: &KafkaConfig) {
     let names: Vec<String> = Topics::new(&kafka.topic_prefix)
-        .all(&tally::STREAMS, kafka)
+        .all(&tally::STREAMS, &tally::SAGAS, kafka)
         .into_iter()
         .map(|spec| spec.name)
         .collect();

@@ -1,6 +1,6 @@
 //! The order-fulfilment saga as a pure state machine: what it has done (its state, folded
 //! from its events), what it decides on each input, and which commands each decision
-//! sends. No Kafka and no clock here: the runtime ([`crate::runtime`]) feeds it inputs
+//! sends. No Kafka and no clock here: the runtime (`sagas::runtime`) feeds it inputs
 //! and the time, and writes what it decides.
 //!
 //! The forward path is reserve stock (every line at once, all or nothing) → charge the
@@ -27,7 +27,7 @@ mod tests;
 
 use std::collections::BTreeMap;
 
-use aggregates::{
+use crate::{
     Cents, CustomerId, InventoryCommand, OrderCommand, OrderId, PaymentCommand, Quantity,
     RejectionReason, Sku,
 };
@@ -41,7 +41,7 @@ use uuid::Uuid;
 pub use events::*;
 
 /// The stream name of the saga: its events are on `<prefix>.saga.order-fulfilment.events`.
-pub const STREAM: &str = "saga.order-fulfilment";
+pub const STREAM: &str = crate::streams::FULFILMENT;
 
 /// Namespace of the saga's deterministic command ids (UUID v5).
 const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x6d1f_4c2a_93b7_4e0e_8a51_7c3d_2b9e_f104);
@@ -564,7 +564,7 @@ impl Fulfilment {
             e.skus
                 .iter()
                 .map(|sku| Outgoing {
-                    stream: "inventory",
+                    stream: crate::streams::INVENTORY,
                     aggregate_id: sku.as_str().to_string(),
                     command_id: command_id_for(order_id, index, sku.as_str()),
                     command: to_json(make(sku)),
@@ -583,12 +583,18 @@ impl Fulfilment {
         };
         let payment = |command: PaymentCommand| {
             one(
-                "payment",
+                crate::streams::PAYMENT,
                 customer_id.as_str().to_string(),
                 to_json(command),
             )
         };
-        let order = |command: OrderCommand| one("order", order_id.to_string(), to_json(command));
+        let order = |command: OrderCommand| {
+            one(
+                crate::streams::ORDER,
+                order_id.to_string(),
+                to_json(command),
+            )
+        };
         match e.step {
             StepName::ReserveStock => stock(&|sku| InventoryCommand::ReserveStock {
                 order_id,

@@ -1,7 +1,7 @@
 //! What the saga records on its own topic. Like the aggregates' events, each `event_type`
 //! is its struct name and never changes once written.
 
-use aggregates::{Cents, CustomerId, OrderId, Quantity, RejectionReason, Sku};
+use crate::{Cents, CustomerId, OrderId, Quantity, RejectionReason, Sku};
 use chrono::{DateTime, Utc};
 use cqrs_es::DomainEvent;
 use schemars::JsonSchema;
@@ -220,8 +220,8 @@ impl FailureReason {
 }
 
 /// The saga's event types for the event contract (`schemas/json`, `schemas/samples`).
-pub fn schema_catalogue() -> Vec<aggregates::schema::EventSchema> {
-    use aggregates::schema::EventSchema;
+pub fn schema_catalogue() -> Vec<crate::schema::EventSchema> {
+    use crate::schema::EventSchema;
     use cqrs_es::Aggregate;
     let t = super::Fulfilment::TYPE;
     vec![
