@@ -4,7 +4,7 @@
 //! Kafka transaction of events, new aggregate states, results and consumed offsets. The
 //! cache and the local store change only after the commit.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use eventlog::owner::{after_failure, Partition};
 use eventlog::rdkafka::message::{BorrowedMessage, Message, OwnedHeaders, OwnedMessage};
-use eventlog::state::{self, Changed, PartitionState, RestoreSpec};
+use eventlog::state::{self, Changed, Kept, PartitionState, RestoreSpec};
 use eventlog::{
     offset_for_time, read_partition, CommitError, Delivery, EventEnvelope, EventMetadata,
     TxnProducer,
@@ -49,42 +49,10 @@ pub(crate) struct Slot<A> {
 /// deterministic, and this catches those resends.
 const SAGA_DEDUP_WINDOW: Duration = Duration::from_secs(900);
 
-/// Outcomes of commands sent with an Idempotency-Key: those keyed over HTTP for the dedup
-/// window (`--dedup-window-secs`), the saga's for [`SAGA_DEDUP_WINDOW`].
-#[derive(Default)]
-struct Seen {
-    results: HashMap<Uuid, CommandResult>,
-    /// Insertion order per window, oldest first: (when, command id).
-    long: VecDeque<(Instant, Uuid)>,
-    short: VecDeque<(Instant, Uuid)>,
-}
-
-impl Seen {
-    /// Remembers `result` for `window` (the long one when `keyed_over_http`, else the
-    /// saga's), forgetting what has outlived its window.
-    fn insert(&mut self, result: CommandResult, keyed_over_http: bool, window: Duration) {
-        let now = Instant::now();
-        for (order, window) in [
-            (&mut self.long, window),
-            (&mut self.short, SAGA_DEDUP_WINDOW),
-        ] {
-            while let Some((at, id)) = order.front() {
-                if now.duration_since(*at) < window {
-                    break;
-                }
-                self.results.remove(id);
-                order.pop_front();
-            }
-        }
-        let order = if keyed_over_http {
-            &mut self.long
-        } else {
-            &mut self.short
-        };
-        order.push_back((now, result.command_id));
-        self.results.insert(result.command_id, result);
-    }
-}
+/// How often expired entries of the dedup record are swept from the store.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// Most entries one sweep removes (a sweep runs between batches: keep it short).
+const SWEEP_LIMIT: usize = 20_000;
 
 /// What one transaction has built so far.
 struct Txn<A> {
@@ -164,8 +132,9 @@ pub(crate) struct PartitionWorker<A: CommandStream> {
     owned: Partition,
     partition: i32,
     producer: TxnProducer,
+    /// The aggregates, and the dedup record: outcomes of keyed commands (ADR 8, 10).
     aggregates: PartitionState<Slot<A>>,
-    seen: Seen,
+    last_sweep: Instant,
 }
 
 impl<A: CommandStream> PartitionWorker<A> {
@@ -212,7 +181,7 @@ impl<A: CommandStream> PartitionWorker<A> {
         if let Some(states) = restored.to_seed {
             seed(&producer, &shared, partition, &mut aggregates, states).await?;
         }
-        let seen = recent_outcomes::<A>(&shared, partition).await?;
+        restore_outcomes::<A>(&shared, partition, &mut aggregates).await?;
         info!(
             stream = A::STREAM,
             partition,
@@ -233,7 +202,7 @@ impl<A: CommandStream> PartitionWorker<A> {
             partition,
             producer,
             aggregates,
-            seen,
+            last_sweep: Instant::now(),
         };
         // From now on the API of this process hands commands for this partition straight
         // here; the guard withdraws that when the worker ends, however it ends.
@@ -296,16 +265,52 @@ impl<A: CommandStream> PartitionWorker<A> {
     }
 
     async fn process(&mut self, batch: &[Work]) -> anyhow::Result<()> {
+        if self.last_sweep.elapsed() >= SWEEP_EVERY {
+            self.last_sweep = Instant::now();
+            let now = Utc::now().timestamp_millis();
+            let swept = state::blocking(|| self.aggregates.sweep(now, SWEEP_LIMIT))?;
+            if swept > 0 {
+                debug!(
+                    stream = A::STREAM,
+                    partition = self.partition,
+                    swept,
+                    "expired outcomes forgotten"
+                );
+            }
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;
             match self.transact(batch).await {
-                Ok((changed, next_changelog, results, decided, events)) => {
-                    for (result, idempotent, keyed_over_http) in results {
+                Ok((changed, next_changelog, results, kept_next, decided, events)) => {
+                    let now = Utc::now().timestamp_millis();
+                    let mut outcomes = Vec::new();
+                    let mut replies = Vec::new();
+                    for (result, payload, idempotent, keyed_over_http) in results {
                         self.shared.local.complete(&result);
                         if idempotent {
-                            self.seen
-                                .insert(result, keyed_over_http, self.shared.dedup_window);
+                            let (kept, window) = if keyed_over_http {
+                                (&mut outcomes, self.shared.dedup_window)
+                            } else {
+                                (&mut replies, SAGA_DEDUP_WINDOW)
+                            };
+                            kept.push(Kept {
+                                id: result.command_id.as_u128(),
+                                expires_ms: now + window.as_millis() as i64,
+                                bytes: payload,
+                            });
+                        }
+                    }
+                    // Committed already: as with the states below, a failure here
+                    // restarts the owner, which reads these back from their topics.
+                    let topics = &self.shared.topics;
+                    for (entries, topic, next) in [
+                        (outcomes, topics.command_outcomes(A::STREAM), kept_next.0),
+                        (replies, topics.command_results(), kept_next.1),
+                    ] {
+                        if let Some(next) = next {
+                            state::blocking(|| self.aggregates.keep(entries, &topic, next))
+                                .map_err(|e| e.context(AfterCommit))?;
                         }
                     }
                     if let Some((next, events_next)) = next_changelog {
@@ -348,7 +353,8 @@ impl<A: CommandStream> PartitionWorker<A> {
     ) -> anyhow::Result<(
         Vec<Changed<Slot<A>>>,
         Option<(i64, i64)>,
-        Vec<(CommandResult, bool, bool)>,
+        Vec<(CommandResult, Vec<u8>, bool, bool)>,
+        (Option<i64>, Option<i64>),
         Vec<(String, u16)>,
         usize,
     )> {
@@ -428,6 +434,8 @@ impl<A: CommandStream> PartitionWorker<A> {
             .into_iter()
             .chain(other_sends)
             .collect::<Vec<_>>();
+        // Where the dedup record's entries go, to know how far each topic is kept.
+        let (mut outcome_sends, mut result_sends) = (Vec::new(), Vec::new());
         let mut results = Vec::with_capacity(pending.len());
         let mut decided = Vec::with_capacity(pending.len());
         for p in pending {
@@ -462,6 +470,7 @@ impl<A: CommandStream> PartitionWorker<A> {
             let key = result.command_id.to_string();
             // A remote request waits on the results topic.
             if p.remote {
+                result_sends.push(other_sends.len());
                 other_sends.push(self.producer.send(
                     &topics.command_results(),
                     self.partition,
@@ -474,6 +483,7 @@ impl<A: CommandStream> PartitionWorker<A> {
             // exactly-once, written in the same transaction as the command's events.
             let keyed_over_http = p.idempotent && p.reply_to.is_none();
             if keyed_over_http {
+                outcome_sends.push(other_sends.len());
                 other_sends.push(self.producer.send(
                     &topics.command_outcomes(A::STREAM),
                     self.partition,
@@ -492,7 +502,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                 )?);
             }
             decided.push((p.command, crate::http::status(&result.outcome).as_u16()));
-            results.push((result, p.idempotent, keyed_over_http));
+            results.push((result, payload, p.idempotent, keyed_over_http));
         }
 
         if let Some(last) = last_consumed {
@@ -511,7 +521,9 @@ impl<A: CommandStream> PartitionWorker<A> {
             .map(|(_, offset)| offset + 1)
             .max()
             .map(|next| (next, events_next));
-        Ok((changed, next_changelog, results, decided, events))
+        let next_of = |sends: &[usize]| sends.iter().map(|&i| landed[i].1 + 1).max();
+        let kept_next = (next_of(&outcome_sends), next_of(&result_sends));
+        Ok((changed, next_changelog, results, kept_next, decided, events))
     }
 
     /// Decides one command inside the open transaction: its events are sent, its
@@ -540,14 +552,23 @@ impl<A: CommandStream> PartitionWorker<A> {
             }
             return Ok(());
         }
-        if let Some(previous) = self.seen.results.get(&envelope.command_id) {
+        let previous = if envelope.idempotent {
+            self.aggregates
+                .kept(envelope.command_id.as_u128(), now.timestamp_millis())?
+                .map(|bytes| serde_json::from_slice::<CommandResult>(&bytes))
+                .transpose()
+                .context("a kept outcome does not decode")?
+        } else {
+            None
+        };
+        if let Some(previous) = previous {
             txn.pending.push(Pending {
                 command_id: envelope.command_id,
                 idempotent: false,
                 remote,
                 reply_to: envelope.reply_to.clone(),
                 command: crate::metrics::command_name(&envelope.command),
-                outcome: Decided::Done(previous.clone()),
+                outcome: Decided::Done(previous),
             });
             return Ok(());
         }
@@ -685,43 +706,63 @@ impl<A: CommandStream> PartitionWorker<A> {
     }
 }
 
-/// Outcomes of keyed commands written to this partition within their windows, so that a
-/// retry reaching a new owner is answered, not applied again: HTTP-keyed ones from the
-/// stream's outcomes topic over the dedup window, the saga's (and, for logs written
-/// before the outcomes topics existed, every keyed one) from the results topic over the
-/// saga's window.
-async fn recent_outcomes<A: CommandStream>(
+/// Brings the dedup record in the store up to date, so that a retry reaching a new owner
+/// is answered, not applied again: outcomes of commands keyed over HTTP from the stream's
+/// outcomes topic over the dedup window, the saga's (and, for logs written before the
+/// outcomes topics existed, every keyed one) from the results topic over the saga's window.
+/// A store that kept them already reads only what follows.
+async fn restore_outcomes<A: CommandStream>(
     shared: &Shared,
     partition: i32,
-) -> anyhow::Result<Seen> {
-    let mut seen = Seen::default();
+    store: &mut PartitionState<Slot<A>>,
+) -> anyhow::Result<()> {
+    const CHUNK: usize = 10_000;
     let sources = [
         (
             shared.topics.command_outcomes(A::STREAM),
             shared.dedup_window,
-            true,
         ),
-        (shared.topics.command_results(), SAGA_DEDUP_WINDOW, false),
+        (shared.topics.command_results(), SAGA_DEDUP_WINDOW),
     ];
-    for (topic, window, keyed_over_http) in sources {
-        let since = Utc::now() - chrono::Duration::from_std(window).unwrap_or_default();
-        let from =
-            offset_for_time(&shared.kafka, &topic, partition, since.timestamp_millis()).await?;
-        read_partition(&shared.kafka, &topic, partition, from, |message| {
+    for (topic, _) in &sources {
+        let (_, end) = eventlog::watermarks(&shared.kafka, topic, partition).await?;
+        if store.kept_next(topic)? > end {
+            // Not the topic the store kept (it was recreated): read it all again.
+            state::blocking(|| store.forget_kept())?;
+        }
+    }
+    for (topic, window) in sources {
+        let window_ms = window.as_millis() as i64;
+        let since = Utc::now().timestamp_millis() - window_ms;
+        let from = offset_for_time(&shared.kafka, &topic, partition, since)
+            .await?
+            .max(store.kept_next(&topic)?);
+        let mut chunk = Vec::new();
+        let end = read_partition(&shared.kafka, &topic, partition, from, |message| {
             if let Some(Ok(result)) = message
                 .payload()
                 .map(serde_json::from_slice::<CommandResult>)
             {
                 if result.idempotent {
-                    seen.insert(result, keyed_over_http, shared.dedup_window);
+                    let at = message.timestamp().to_millis().unwrap_or(since + window_ms);
+                    chunk.push(Kept {
+                        id: result.command_id.as_u128(),
+                        expires_ms: at + window_ms,
+                        bytes: message.payload().unwrap_or_default().to_vec(),
+                    });
                 }
+            }
+            if chunk.len() >= CHUNK {
+                let entries = std::mem::take(&mut chunk);
+                state::blocking(|| store.keep(entries, &topic, message.offset() + 1))?;
             }
             Ok(())
         })
         .await
         .with_context(|| format!("reloading recent outcomes from {topic}/{partition}"))?;
+        state::blocking(|| store.keep(chunk, &topic, end))?;
     }
-    Ok(seen)
+    Ok(())
 }
 
 /// Folds one committed event into the aggregates being rebuilt (a rebuild from the

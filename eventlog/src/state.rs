@@ -51,6 +51,16 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// An owner's index of some states (the saga's running ones, by deadline): id → value.
 const INDEX: TableDefinition<&str, i64> = TableDefinition::new("index");
 
+/// The dedup record (ADR 8, ADR 10): command ids and their outcomes, each kept until it
+/// expires, beside the states. Its changelog is the topic the outcome was written to in
+/// the command's transaction (the stream's outcomes topic; the results topic for a saga's
+/// commands): time retention instead of compaction and tombstones, because every entry
+/// expires at a fixed age and retention drops whole segments at no cost. Value: the
+/// expiry (ms since the epoch, 8 bytes big-endian), then the outcome's bytes.
+const KEPT: TableDefinition<u128, &[u8]> = TableDefinition::new("kept");
+/// The same entries by expiry, for the sweep.
+const EXPIRY: TableDefinition<(i64, u128), ()> = TableDefinition::new("expiry");
+
 /// What an owner indexes of a state (`None`: not in the index). The saga indexes its
 /// running sagas, so a start lists them without decoding every saga ever run.
 pub type IndexOf<S> = fn(&S) -> Option<i64>;
@@ -161,6 +171,13 @@ impl StateMetrics {
             })
             .clone()
     }
+}
+
+/// One entry of the dedup record: a command id, its outcome's bytes, and when it expires.
+pub struct Kept {
+    pub id: u128,
+    pub expires_ms: i64,
+    pub bytes: Vec<u8>,
 }
 
 /// One changed state, ready for the changelog and, after the commit, the store.
@@ -285,6 +302,101 @@ impl<S: Serialize + DeserializeOwned + Clone> PartitionState<S> {
         let before = self.cache.len();
         self.cache.put(id, state);
         self.cached.inc_by((self.cache.len() - before) as i64);
+    }
+
+    /// The kept outcome of command `id` (see [`KEPT`]), unless it expired before `now_ms`.
+    pub fn kept(&self, id: u128, now_ms: i64) -> anyhow::Result<Option<Vec<u8>>> {
+        let read = self.db.begin_read()?;
+        let table = match read.open_table(KEPT) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(value) = table.get(id)? else {
+            return Ok(None);
+        };
+        let value = value.value();
+        let expires = i64::from_be_bytes(value[..8].try_into()?);
+        Ok((expires >= now_ms).then(|| value[8..].to_vec()))
+    }
+
+    /// How far `source` (a topic the dedup record is written to) has been kept: the
+    /// offset after the last of its records in the store; 0 for none.
+    pub fn kept_next(&self, source: &str) -> anyhow::Result<i64> {
+        Ok(meta_get(&self.db, &format!("kept_next {source}"))?
+            .map(|b| i64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+            .unwrap_or(0))
+    }
+
+    /// Keeps `entries`, read from or committed to `source` up to `next`, in one store
+    /// transaction with that position (so a restart reads only what follows).
+    pub fn keep(&mut self, entries: Vec<Kept>, source: &str, next: i64) -> anyhow::Result<()> {
+        let mut txn = self.db.begin_write()?;
+        let durable = self.last_durable.elapsed() >= DURABLE_EVERY;
+        if !durable {
+            txn.set_durability(Durability::None);
+        }
+        let count = entries.len() as u64;
+        {
+            let mut kept = txn.open_table(KEPT)?;
+            let mut expiry = txn.open_table(EXPIRY)?;
+            for e in entries {
+                let mut value = Vec::with_capacity(8 + e.bytes.len());
+                value.extend_from_slice(&e.expires_ms.to_be_bytes());
+                value.extend_from_slice(&e.bytes);
+                if let Some(old) = kept.insert(e.id, value.as_slice())? {
+                    let old = i64::from_be_bytes(old.value()[..8].try_into()?);
+                    expiry.remove((old, e.id))?;
+                }
+                expiry.insert((e.expires_ms, e.id), ())?;
+            }
+            let mut meta = txn.open_table(META)?;
+            meta.insert(
+                format!("kept_next {source}").as_str(),
+                next.to_be_bytes().as_slice(),
+            )?;
+        }
+        txn.commit()?;
+        if durable {
+            self.last_durable = Instant::now();
+            self.undurable = 0;
+        } else {
+            self.undurable += count.max(1);
+        }
+        Ok(())
+    }
+
+    /// Forgets kept outcomes `source` has no more (its position is past its end: the
+    /// topic was recreated), so that they are read again from where it is now.
+    pub fn forget_kept(&mut self) -> anyhow::Result<()> {
+        let txn = self.db.begin_write()?;
+        clear_kept(&txn)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Removes up to `limit` kept outcomes that expired before `now_ms`; answers how many.
+    pub fn sweep(&mut self, now_ms: i64, limit: usize) -> anyhow::Result<usize> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::None);
+        let removed;
+        {
+            let mut expiry = txn.open_table(EXPIRY)?;
+            let mut kept = txn.open_table(KEPT)?;
+            let expired: Vec<(i64, u128)> = expiry
+                .range(..(now_ms, 0u128))?
+                .take(limit)
+                .map(|e| e.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()?;
+            for (at, id) in &expired {
+                expiry.remove((*at, *id))?;
+                kept.remove(*id)?;
+            }
+            removed = expired.len();
+        }
+        txn.commit()?;
+        self.undurable += removed as u64;
+        Ok(removed)
     }
 
     /// Every entry of the owner's index (see [`IndexOf`]).
@@ -435,11 +547,30 @@ fn meta_get(db: &Database, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
     Ok(table.get(key)?.map(|v| v.value().to_vec()))
 }
 
+/// Empties the dedup record and forgets how far each of its topics was read.
+fn clear_kept(txn: &redb::WriteTransaction) -> anyhow::Result<()> {
+    txn.delete_table(KEPT)?;
+    txn.delete_table(EXPIRY)?;
+    let mut meta = txn.open_table(META)?;
+    let positions: Vec<String> = meta
+        .iter()?
+        .filter_map(|e| e.ok().map(|(k, _)| k.value().to_string()))
+        .filter(|k| k.starts_with("kept_next "))
+        .collect();
+    for k in positions {
+        meta.remove(k.as_str())?;
+    }
+    Ok(())
+}
+
 /// Empties the store and records whose log, schema and changelog position it holds.
 fn reset(db: &Database, log_id: &str, schema: u32) -> anyhow::Result<()> {
     let txn = db.begin_write()?;
     txn.delete_table(STATES)?;
     txn.delete_table(INDEX)?;
+    // The dedup record goes too: it is read again from its topics, from where the log
+    // is now (a store of another log must not answer for this one).
+    clear_kept(&txn)?;
     {
         let mut meta = txn.open_table(META)?;
         meta.insert("log", log_id.as_bytes())?;
@@ -804,4 +935,70 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(path: &Path) -> PartitionState<u64> {
+        let (db, path, temporary) = open_store(path).unwrap();
+        PartitionState {
+            db,
+            path,
+            cache: LruCache::new(NonZeroUsize::MIN),
+            hits: Counter::default(),
+            misses: Counter::default(),
+            cached: Gauge::default(),
+            last_durable: Instant::now(),
+            undurable: 0,
+            temporary,
+            index: None,
+            events_next: 0,
+        }
+    }
+
+    fn kept(id: u128, expires_ms: i64) -> Kept {
+        Kept {
+            id,
+            expires_ms,
+            bytes: format!("outcome {id}").into_bytes(),
+        }
+    }
+
+    #[test]
+    fn the_dedup_record_answers_until_it_expires_and_survives_a_reopen_with_its_position() {
+        let dir = std::env::temp_dir().join(format!("tally-kept-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("p0.redb");
+        {
+            let mut s = store(&path);
+            assert_eq!(s.kept_next("outcomes").unwrap(), 0);
+            s.keep(vec![kept(1, 1_000), kept(2, 2_000)], "outcomes", 7)
+                .unwrap();
+            s.keep(vec![kept(3, 3_000)], "results", 4).unwrap();
+            assert_eq!(s.kept(1, 500).unwrap(), Some(b"outcome 1".to_vec()));
+            assert_eq!(s.kept(1, 1_001).unwrap(), None, "expired: not an answer");
+            assert_eq!(s.kept(9, 0).unwrap(), None);
+        }
+        // Reopened (a restart of the process): the entries and each topic's position.
+        let mut s = store(&path);
+        assert_eq!(s.kept_next("outcomes").unwrap(), 7);
+        assert_eq!(s.kept_next("results").unwrap(), 4);
+        assert_eq!(s.kept(2, 1_500).unwrap(), Some(b"outcome 2".to_vec()));
+        // Kept again with a later expiry (read again from its topic): the later one holds.
+        s.keep(vec![kept(1, 5_000)], "outcomes", 8).unwrap();
+        assert_eq!(s.sweep(2_500, 10).unwrap(), 1, "only 2 had expired by then");
+        assert_eq!(s.kept(2, 0).unwrap(), None, "swept");
+        assert!(s.kept(1, 4_000).unwrap().is_some());
+        assert_eq!(s.sweep(10_000, 1).unwrap(), 1, "a sweep stops at its limit");
+        assert_eq!(s.sweep(10_000, 10).unwrap(), 1);
+        // Forgotten (the topic was recreated): nothing answers, every position is 0.
+        s.keep(vec![kept(4, 9_000)], "results", 9).unwrap();
+        s.forget_kept().unwrap();
+        assert_eq!(s.kept(4, 0).unwrap(), None);
+        assert_eq!(s.kept_next("outcomes").unwrap(), 0);
+        assert_eq!(s.kept_next("results").unwrap(), 0);
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
