@@ -50,9 +50,10 @@ pub(crate) struct Slot<A> {
 const SAGA_DEDUP_WINDOW: Duration = Duration::from_secs(900);
 
 /// How often expired entries of the dedup record are swept from the store.
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
-/// Most entries one sweep removes (a sweep runs between batches: keep it short).
-const SWEEP_LIMIT: usize = 20_000;
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// Fewest entries one sweep may remove; it removes at least twice what was kept since the
+/// last one, so the record cannot grow faster than it is swept.
+const SWEEP_LIMIT: usize = 10_000;
 
 /// What one transaction has built so far.
 struct Txn<A> {
@@ -135,6 +136,8 @@ pub(crate) struct PartitionWorker<A: CommandStream> {
     /// The aggregates, and the dedup record: outcomes of keyed commands (ADR 8, 10).
     aggregates: PartitionState<Slot<A>>,
     last_sweep: Instant,
+    /// Entries kept since the last sweep.
+    kept_since_sweep: usize,
 }
 
 impl<A: CommandStream> PartitionWorker<A> {
@@ -203,6 +206,7 @@ impl<A: CommandStream> PartitionWorker<A> {
             producer,
             aggregates,
             last_sweep: Instant::now(),
+            kept_since_sweep: 0,
         };
         // From now on the API of this process hands commands for this partition straight
         // here; the guard withdraws that when the worker ends, however it ends.
@@ -268,7 +272,8 @@ impl<A: CommandStream> PartitionWorker<A> {
         if self.last_sweep.elapsed() >= SWEEP_EVERY {
             self.last_sweep = Instant::now();
             let now = Utc::now().timestamp_millis();
-            let swept = state::blocking(|| self.aggregates.sweep(now, SWEEP_LIMIT))?;
+            let limit = SWEEP_LIMIT.max(2 * std::mem::take(&mut self.kept_since_sweep));
+            let swept = state::blocking(|| self.aggregates.sweep(now, limit))?;
             if swept > 0 {
                 debug!(
                     stream = A::STREAM,
@@ -283,41 +288,32 @@ impl<A: CommandStream> PartitionWorker<A> {
             attempt += 1;
             match self.transact(batch).await {
                 Ok((changed, next_changelog, results, kept_next, decided, events)) => {
-                    let now = Utc::now().timestamp_millis();
-                    let mut outcomes = Vec::new();
-                    let mut replies = Vec::new();
-                    for (result, payload, idempotent, keyed_over_http) in results {
+                    let expires_ms =
+                        Utc::now().timestamp_millis() + self.shared.dedup_window.as_millis() as i64;
+                    let mut kept = Vec::new();
+                    for (result, payload, idempotent) in results {
                         self.shared.local.complete(&result);
                         if idempotent {
-                            let (kept, window) = if keyed_over_http {
-                                (&mut outcomes, self.shared.dedup_window)
-                            } else {
-                                (&mut replies, SAGA_DEDUP_WINDOW)
-                            };
                             kept.push(Kept {
                                 id: result.command_id.as_u128(),
-                                expires_ms: now + window.as_millis() as i64,
+                                expires_ms,
                                 bytes: payload,
                             });
                         }
                     }
                     // Committed already: as with the states below, a failure here
-                    // restarts the owner, which reads these back from their topics.
-                    let topics = &self.shared.topics;
-                    for (entries, topic, next) in [
-                        (outcomes, topics.command_outcomes(A::STREAM), kept_next.0),
-                        (replies, topics.command_results(), kept_next.1),
-                    ] {
-                        if let Some(next) = next {
-                            state::blocking(|| self.aggregates.keep(entries, &topic, next))
-                                .map_err(|e| e.context(AfterCommit))?;
-                        }
+                    // restarts the owner, which reads them back from the outcomes topic.
+                    if let Some(next) = kept_next {
+                        self.kept_since_sweep += kept.len();
+                        let topic = self.shared.topics.command_outcomes(A::STREAM);
+                        state::blocking(|| self.aggregates.keep(kept, &topic, Some(next)))
+                            .map_err(|e| e.context(AfterCommit))?;
                     }
                     if let Some((next, events_next)) = next_changelog {
                         // Committed already: a failure here restarts the owner, which
                         // restores from the changelog, and hands nothing on.
-                        self.aggregates
-                            .committed(changed, next, events_next)
+                        // Off the async threads: every ten seconds it syncs to disk.
+                        state::blocking(|| self.aggregates.committed(changed, next, events_next))
                             .map_err(|e| e.context(AfterCommit))?;
                     }
                     self.shared
@@ -353,8 +349,8 @@ impl<A: CommandStream> PartitionWorker<A> {
     ) -> anyhow::Result<(
         Vec<Changed<Slot<A>>>,
         Option<(i64, i64)>,
-        Vec<(CommandResult, Vec<u8>, bool, bool)>,
-        (Option<i64>, Option<i64>),
+        Vec<(CommandResult, Vec<u8>, bool)>,
+        Option<i64>,
         Vec<(String, u16)>,
         usize,
     )> {
@@ -434,8 +430,8 @@ impl<A: CommandStream> PartitionWorker<A> {
             .into_iter()
             .chain(other_sends)
             .collect::<Vec<_>>();
-        // Where the dedup record's entries go, to know how far each topic is kept.
-        let (mut outcome_sends, mut result_sends) = (Vec::new(), Vec::new());
+        // Where the dedup record's entries go, to know how far its topic is kept.
+        let mut outcome_sends = Vec::new();
         let mut results = Vec::with_capacity(pending.len());
         let mut decided = Vec::with_capacity(pending.len());
         for p in pending {
@@ -470,7 +466,6 @@ impl<A: CommandStream> PartitionWorker<A> {
             let key = result.command_id.to_string();
             // A remote request waits on the results topic.
             if p.remote {
-                result_sends.push(other_sends.len());
                 other_sends.push(self.producer.send(
                     &topics.command_results(),
                     self.partition,
@@ -479,10 +474,10 @@ impl<A: CommandStream> PartitionWorker<A> {
                     OwnedHeaders::new(),
                 )?);
             }
-            // A keyed outcome is the record a new owner reloads: the authority for
-            // exactly-once, written in the same transaction as the command's events.
-            let keyed_over_http = p.idempotent && p.reply_to.is_none();
-            if keyed_over_http {
+            // A keyed outcome (over HTTP, or a saga's) is the record a new owner reloads:
+            // the authority for exactly-once, written in the same transaction as the
+            // command's events, to a topic this owner alone writes (fenced).
+            if p.idempotent {
                 outcome_sends.push(other_sends.len());
                 other_sends.push(self.producer.send(
                     &topics.command_outcomes(A::STREAM),
@@ -502,7 +497,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                 )?);
             }
             decided.push((p.command, crate::http::status(&result.outcome).as_u16()));
-            results.push((result, payload, p.idempotent, keyed_over_http));
+            results.push((result, payload, p.idempotent));
         }
 
         if let Some(last) = last_consumed {
@@ -521,8 +516,7 @@ impl<A: CommandStream> PartitionWorker<A> {
             .map(|(_, offset)| offset + 1)
             .max()
             .map(|next| (next, events_next));
-        let next_of = |sends: &[usize]| sends.iter().map(|&i| landed[i].1 + 1).max();
-        let kept_next = (next_of(&outcome_sends), next_of(&result_sends));
+        let kept_next = outcome_sends.iter().map(|&i| landed[i].1 + 1).max();
         Ok((changed, next_changelog, results, kept_next, decided, events))
     }
 
@@ -555,9 +549,15 @@ impl<A: CommandStream> PartitionWorker<A> {
         let previous = if envelope.idempotent {
             self.aggregates
                 .kept(envelope.command_id.as_u128(), now.timestamp_millis())?
-                .map(|bytes| serde_json::from_slice::<CommandResult>(&bytes))
-                .transpose()
-                .context("a kept outcome does not decode")?
+                .and_then(|bytes| match serde_json::from_slice::<CommandResult>(&bytes) {
+                    Ok(previous) => Some(previous),
+                    Err(e) => {
+                        // Written by a version that knew more (a rollback): a repeat
+                        // cannot be told from a first, so it is decided again.
+                        warn!(stream = A::STREAM, command_id = %envelope.command_id, error = %e, "a kept outcome does not decode; deciding the command");
+                        None
+                    }
+                })
         } else {
             None
         };
@@ -707,36 +707,36 @@ impl<A: CommandStream> PartitionWorker<A> {
 }
 
 /// Brings the dedup record in the store up to date, so that a retry reaching a new owner
-/// is answered, not applied again: outcomes of commands keyed over HTTP from the stream's
-/// outcomes topic over the dedup window, the saga's (and, for logs written before the
-/// outcomes topics existed, every keyed one) from the results topic over the saga's window.
-/// A store that kept them already reads only what follows.
+/// is answered, not applied again: the outcomes of keyed commands (over HTTP or a saga's)
+/// from the stream's outcomes topic over the dedup window, from where the store has kept
+/// it to. Then, with no position kept, the saga's window of the shared results topic: the
+/// only record of a saga's commands decided by a version before the outcomes topic had
+/// them (a log written before the upgrade).
 async fn restore_outcomes<A: CommandStream>(
     shared: &Shared,
     partition: i32,
     store: &mut PartitionState<Slot<A>>,
 ) -> anyhow::Result<()> {
     const CHUNK: usize = 10_000;
-    let sources = [
-        (
-            shared.topics.command_outcomes(A::STREAM),
-            shared.dedup_window,
-        ),
-        (shared.topics.command_results(), SAGA_DEDUP_WINDOW),
-    ];
-    for (topic, _) in &sources {
-        let (_, end) = eventlog::watermarks(&shared.kafka, topic, partition).await?;
-        if store.kept_next(topic)? > end {
-            // Not the topic the store kept (it was recreated): read it all again.
-            state::blocking(|| store.forget_kept())?;
-        }
+    let outcomes = shared.topics.command_outcomes(A::STREAM);
+    // Its end: this owner alone writes the topic and has fenced the previous one, so no
+    // transaction of it is open; a position past the end means it was recreated.
+    let (_, end) = eventlog::watermarks(&shared.kafka, &outcomes, partition).await?;
+    if store.kept_next(&outcomes)? > end {
+        state::blocking(|| store.forget_kept())?;
     }
-    for (topic, window) in sources {
+    let sources = [
+        (outcomes, shared.dedup_window, true),
+        (shared.topics.command_results(), SAGA_DEDUP_WINDOW, false),
+    ];
+    for (topic, window, positioned) in sources {
         let window_ms = window.as_millis() as i64;
         let since = Utc::now().timestamp_millis() - window_ms;
-        let from = offset_for_time(&shared.kafka, &topic, partition, since)
-            .await?
-            .max(store.kept_next(&topic)?);
+        let mut from = offset_for_time(&shared.kafka, &topic, partition, since).await?;
+        if positioned {
+            from = from.max(store.kept_next(&topic)?);
+        }
+        let position = |next: i64| positioned.then_some(next);
         let mut chunk = Vec::new();
         let end = read_partition(&shared.kafka, &topic, partition, from, |message| {
             if let Some(Ok(result)) = message
@@ -754,13 +754,14 @@ async fn restore_outcomes<A: CommandStream>(
             }
             if chunk.len() >= CHUNK {
                 let entries = std::mem::take(&mut chunk);
-                state::blocking(|| store.keep(entries, &topic, message.offset() + 1))?;
+                let next = position(message.offset() + 1);
+                state::blocking(|| store.keep(entries, &topic, next))?;
             }
             Ok(())
         })
         .await
         .with_context(|| format!("reloading recent outcomes from {topic}/{partition}"))?;
-        state::blocking(|| store.keep(chunk, &topic, end))?;
+        state::blocking(|| store.keep(chunk, &topic, position(end)))?;
     }
     Ok(())
 }

@@ -329,8 +329,15 @@ impl<S: Serialize + DeserializeOwned + Clone> PartitionState<S> {
     }
 
     /// Keeps `entries`, read from or committed to `source` up to `next`, in one store
-    /// transaction with that position (so a restart reads only what follows).
-    pub fn keep(&mut self, entries: Vec<Kept>, source: &str, next: i64) -> anyhow::Result<()> {
+    /// transaction with that position (so a restart reads only what follows; `None`: no
+    /// position is kept). An entry kept already keeps the later of its two expiries: an
+    /// outcome read again must not be forgotten sooner.
+    pub fn keep(
+        &mut self,
+        entries: Vec<Kept>,
+        source: &str,
+        next: Option<i64>,
+    ) -> anyhow::Result<()> {
         let mut txn = self.db.begin_write()?;
         let durable = self.last_durable.elapsed() >= DURABLE_EVERY;
         if !durable {
@@ -341,20 +348,29 @@ impl<S: Serialize + DeserializeOwned + Clone> PartitionState<S> {
             let mut kept = txn.open_table(KEPT)?;
             let mut expiry = txn.open_table(EXPIRY)?;
             for e in entries {
+                let old = match kept.get(e.id)? {
+                    Some(v) => Some(i64::from_be_bytes(v.value()[..8].try_into()?)),
+                    None => None,
+                };
+                if old.is_some_and(|old| old >= e.expires_ms) {
+                    continue;
+                }
+                if let Some(old) = old {
+                    expiry.remove((old, e.id))?;
+                }
                 let mut value = Vec::with_capacity(8 + e.bytes.len());
                 value.extend_from_slice(&e.expires_ms.to_be_bytes());
                 value.extend_from_slice(&e.bytes);
-                if let Some(old) = kept.insert(e.id, value.as_slice())? {
-                    let old = i64::from_be_bytes(old.value()[..8].try_into()?);
-                    expiry.remove((old, e.id))?;
-                }
+                kept.insert(e.id, value.as_slice())?;
                 expiry.insert((e.expires_ms, e.id), ())?;
             }
-            let mut meta = txn.open_table(META)?;
-            meta.insert(
-                format!("kept_next {source}").as_str(),
-                next.to_be_bytes().as_slice(),
-            )?;
+            if let Some(next) = next {
+                let mut meta = txn.open_table(META)?;
+                meta.insert(
+                    format!("kept_next {source}").as_str(),
+                    next.to_be_bytes().as_slice(),
+                )?;
+            }
         }
         txn.commit()?;
         if durable {
@@ -973,9 +989,13 @@ mod tests {
         {
             let mut s = store(&path);
             assert_eq!(s.kept_next("outcomes").unwrap(), 0);
-            s.keep(vec![kept(1, 1_000), kept(2, 2_000)], "outcomes", 7)
+            s.keep(vec![kept(1, 1_000), kept(2, 2_000)], "outcomes", Some(7))
                 .unwrap();
-            s.keep(vec![kept(3, 3_000)], "results", 4).unwrap();
+            s.keep(vec![kept(3, 3_000)], "results", Some(4)).unwrap();
+            // Read again with an earlier expiry (another topic's shorter window): the
+            // later one holds.
+            s.keep(vec![kept(2, 1_200)], "results", None).unwrap();
+            assert_eq!(s.kept_next("results").unwrap(), 4, "no position: unchanged");
             assert_eq!(s.kept(1, 500).unwrap(), Some(b"outcome 1".to_vec()));
             assert_eq!(s.kept(1, 1_001).unwrap(), None, "expired: not an answer");
             assert_eq!(s.kept(9, 0).unwrap(), None);
@@ -986,14 +1006,14 @@ mod tests {
         assert_eq!(s.kept_next("results").unwrap(), 4);
         assert_eq!(s.kept(2, 1_500).unwrap(), Some(b"outcome 2".to_vec()));
         // Kept again with a later expiry (read again from its topic): the later one holds.
-        s.keep(vec![kept(1, 5_000)], "outcomes", 8).unwrap();
+        s.keep(vec![kept(1, 5_000)], "outcomes", Some(8)).unwrap();
         assert_eq!(s.sweep(2_500, 10).unwrap(), 1, "only 2 had expired by then");
         assert_eq!(s.kept(2, 0).unwrap(), None, "swept");
         assert!(s.kept(1, 4_000).unwrap().is_some());
         assert_eq!(s.sweep(10_000, 1).unwrap(), 1, "a sweep stops at its limit");
         assert_eq!(s.sweep(10_000, 10).unwrap(), 1);
         // Forgotten (the topic was recreated): nothing answers, every position is 0.
-        s.keep(vec![kept(4, 9_000)], "results", 9).unwrap();
+        s.keep(vec![kept(4, 9_000)], "results", Some(9)).unwrap();
         s.forget_kept().unwrap();
         assert_eq!(s.kept(4, 0).unwrap(), None);
         assert_eq!(s.kept_next("outcomes").unwrap(), 0);

@@ -325,7 +325,8 @@ impl Worker {
                         });
                     }
                     if let Some((next, events_next)) = next_changelog {
-                        self.sagas.committed(changed, next, events_next)?;
+                        // Off the async threads: every ten seconds it syncs to disk.
+                        state::blocking(|| self.sagas.committed(changed, next, events_next))?;
                     }
                     return Ok(());
                 }
