@@ -765,7 +765,7 @@ where
                     blocking(|| write_chunk(&db, &mut chunk, next, events_next))?;
                     restored.inc_by(RESTORE_CHUNK as u64);
                 }
-                if last_log.elapsed() >= Duration::from_secs(2) {
+                if records % 4096 == 0 && last_log.elapsed() >= Duration::from_secs(2) {
                     last_log = Instant::now();
                     info!(
                         stream = spec.stream,
