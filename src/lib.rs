@@ -106,38 +106,18 @@ pub async fn rebuild_state(args: &config::RebuildStateArgs) -> anyhow::Result<()
         dedup_window: Duration::from_secs(25 * 3600),
         state: args.state.config(&log, true),
     };
-    let mut owners = vec![
-        spawn_processor::<Order>(
-            &mut tasks,
-            &config,
-            &local,
-            &shutdown,
-            &metrics,
-            &state_metrics,
-        )
-        .1
-        .owner,
-        spawn_processor::<Inventory>(
-            &mut tasks,
-            &config,
-            &local,
-            &shutdown,
-            &metrics,
-            &state_metrics,
-        )
-        .1
-        .owner,
-        spawn_processor::<PaymentAccount>(
-            &mut tasks,
-            &config,
-            &local,
-            &shutdown,
-            &metrics,
-            &state_metrics,
-        )
-        .1
-        .owner,
-    ];
+    let mut owners: Vec<_> = spawn_processors(
+        &mut tasks,
+        &config,
+        &local,
+        &shutdown,
+        &metrics,
+        &state_metrics,
+        |_| true,
+    )
+    .into_iter()
+    .map(|(_, status)| status.owner)
+    .collect();
     let sagas = SagaConfig {
         kafka: state.kafka.clone(),
         deadlines: Deadlines {
@@ -285,37 +265,15 @@ pub async fn run(
             dedup_window: Duration::from_secs(settings.dedup_window_secs),
             state: settings.state.config(&state.log, false),
         };
-        let wanted = |stream: &str| settings.command_streams.iter().any(|s| s == stream);
-        if wanted(Order::STREAM) {
-            statuses.push(spawn_processor::<Order>(
-                &mut tasks,
-                &config,
-                &local,
-                &workers,
-                &metrics,
-                &state_metrics,
-            ));
-        }
-        if wanted(Inventory::STREAM) {
-            statuses.push(spawn_processor::<Inventory>(
-                &mut tasks,
-                &config,
-                &local,
-                &workers,
-                &metrics,
-                &state_metrics,
-            ));
-        }
-        if wanted(PaymentAccount::STREAM) {
-            statuses.push(spawn_processor::<PaymentAccount>(
-                &mut tasks,
-                &config,
-                &local,
-                &workers,
-                &metrics,
-                &state_metrics,
-            ));
-        }
+        statuses = spawn_processors(
+            &mut tasks,
+            &config,
+            &local,
+            &workers,
+            &metrics,
+            &state_metrics,
+            |stream| settings.command_streams.iter().any(|s| s == stream),
+        );
     }
     state.readiness.processors = statuses
         .iter()
@@ -459,24 +417,85 @@ fn spawn_sagas(
         state_metrics: state_metrics.clone(),
         ..Default::default()
     };
-    let (handle, shutdown) = (status.clone(), shutdown.clone());
+    let handle = status.clone();
+    supervise(tasks, "saga orchestrator", shutdown, move |shutdown| {
+        sagas::runtime::run(config.clone(), handle.clone(), shutdown)
+    });
+    status
+}
+
+/// The processor of each command stream `wanted` accepts, each restarted when it fails.
+fn spawn_processors(
+    tasks: &mut JoinSet<()>,
+    config: &ProcessorConfig,
+    local: &Local,
+    shutdown: &CancellationToken,
+    metrics: &commands::Metrics,
+    state_metrics: &eventlog::state::StateMetrics,
+    wanted: impl Fn(&str) -> bool,
+) -> Vec<(&'static str, ProcessorStatus)> {
+    type Spawn = fn(
+        &mut JoinSet<()>,
+        &ProcessorConfig,
+        &Local,
+        &CancellationToken,
+        &commands::Metrics,
+        &eventlog::state::StateMetrics,
+    ) -> (&'static str, ProcessorStatus);
+    let streams: [(&str, Spawn); 3] = [
+        (Order::STREAM, spawn_processor::<Order>),
+        (Inventory::STREAM, spawn_processor::<Inventory>),
+        (PaymentAccount::STREAM, spawn_processor::<PaymentAccount>),
+    ];
+    streams
+        .into_iter()
+        .filter(|(stream, _)| wanted(stream))
+        .map(|(_, spawn)| spawn(tasks, config, local, shutdown, metrics, state_metrics))
+        .collect()
+}
+
+/// Runs `run` until `shutdown`, restarting it when it fails (it restores from the log):
+/// after 1 s, doubling up to a minute while it keeps failing, and from 1 s again after a
+/// run that lasted a minute. The cause is logged with what to do about it.
+fn supervise<F, Fut>(
+    tasks: &mut JoinSet<()>,
+    name: &'static str,
+    shutdown: &CancellationToken,
+    mut run: F,
+) where
+    F: FnMut(CancellationToken) -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    const FIRST: Duration = Duration::from_secs(1);
+    const LONGEST: Duration = Duration::from_secs(60);
+    let shutdown = shutdown.clone();
     tasks.spawn(async move {
+        let mut backoff = FIRST;
         loop {
-            let result =
-                sagas::runtime::run(config.clone(), handle.clone(), shutdown.clone()).await;
+            let started = Instant::now();
+            let result = run(shutdown.clone()).await;
             if shutdown.is_cancelled() {
                 return;
             }
-            if let Err(e) = result {
-                error!(error = %format!("{e:#}"), "saga orchestrator failed; restarting in 1s");
+            if started.elapsed() >= LONGEST {
+                backoff = FIRST;
+            }
+            match result {
+                Err(e) => error!(
+                    component = name,
+                    error = %format!("{e:#}"),
+                    restart_in_ms = backoff.as_millis() as u64,
+                    "failed; restarting (it restores its partitions from Kafka). If this repeats, the error names what to fix: Kafka reachable, topics present, the state directory writable"
+                ),
+                Ok(()) => warn!(component = name, restart_in_ms = backoff.as_millis() as u64, "stopped without being asked; restarting"),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(backoff) => {}
             }
+            backoff = (backoff * 2).min(LONGEST);
         }
     });
-    status
 }
 
 /// Runs the processor of `A`, restarting it (it rebuilds from the log) when it fails.
@@ -493,26 +512,9 @@ fn spawn_processor<A: CommandStream>(
         state_metrics: state_metrics.clone(),
         ..Default::default()
     };
-    let (config, local, shutdown, handle) = (
-        config.clone(),
-        local.clone(),
-        shutdown.clone(),
-        status.clone(),
-    );
-    tasks.spawn(async move {
-        loop {
-            let result = processor::run::<A>(config.clone(), local.clone(), handle.clone(), shutdown.clone()).await;
-            if shutdown.is_cancelled() {
-                return;
-            }
-            if let Err(e) = result {
-                error!(stream = A::STREAM, error = %format!("{e:#}"), "command processor failed; restarting in 1s");
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
+    let (config, local, handle) = (config.clone(), local.clone(), status.clone());
+    supervise(tasks, A::STREAM, shutdown, move |shutdown| {
+        processor::run::<A>(config.clone(), local.clone(), handle.clone(), shutdown)
     });
     (A::STREAM, status)
 }

@@ -301,21 +301,15 @@ impl<A: CommandStream> PartitionWorker<A> {
                             });
                         }
                     }
-                    // Committed already: as with the states below, a failure here
-                    // restarts the owner, which reads them back from the outcomes topic.
-                    if let Some(next) = kept_next {
-                        self.kept_since_sweep += kept.len();
-                        let topic = self.shared.topics.command_outcomes(A::STREAM);
-                        state::blocking(|| self.aggregates.keep(kept, &topic, Some(next)))
-                            .map_err(|e| e.context(AfterCommit))?;
-                    }
-                    if let Some((next, events_next)) = next_changelog {
-                        // Committed already: a failure here restarts the owner, which
-                        // restores from the changelog, and hands nothing on.
-                        // Off the async threads: every ten seconds it syncs to disk.
-                        state::blocking(|| self.aggregates.committed(changed, next, events_next))
-                            .map_err(|e| e.context(AfterCommit))?;
-                    }
+                    // Committed already: a failure here restarts the owner, which
+                    // restores from the changelog and the outcomes topic, and hands
+                    // nothing on.
+                    self.kept_since_sweep += kept.len();
+                    let topic = self.shared.topics.command_outcomes(A::STREAM);
+                    let kept = kept_next.map(|next| (kept, topic.as_str(), Some(next)));
+                    self.aggregates
+                        .commit(changed, next_changelog, kept)
+                        .map_err(|e| e.context(AfterCommit))?;
                     self.shared
                         .metrics
                         .record_batch(A::STREAM, &decided, events);
@@ -405,24 +399,14 @@ impl<A: CommandStream> PartitionWorker<A> {
         let events_next = offsets
             .last()
             .map_or(self.aggregates.events_next(), |last| last + 1);
-        let changelog = topics.state(A::STREAM);
-        let mut changed = Vec::with_capacity(staged.len());
-        let mut state_sends = Vec::with_capacity(staged.len());
-        for (id, slot) in staged {
-            let (bytes, headers) = state::encode(&slot, A::STATE_SCHEMA, events_next)?;
-            state_sends.push(self.producer.send(
-                &changelog,
-                self.partition,
-                &id,
-                &bytes,
-                headers,
-            )?);
-            changed.push(Changed {
-                id,
-                state: slot,
-                bytes,
-            });
-        }
+        let (changed, state_sends) = state::send_states(
+            &self.producer,
+            &topics.state(A::STREAM),
+            self.partition,
+            A::STATE_SCHEMA,
+            events_next,
+            staged,
+        )?;
         // The states' deliveries are awaited with the rest at the commit, not here: no
         // round trip of their own. They go first, so their offsets are the first landed.
         let states = state_sends.len();
@@ -511,11 +495,7 @@ impl<A: CommandStream> PartitionWorker<A> {
             .commit(other_sends)
             .await
             .map_err(anyhow::Error::new)?;
-        let next_changelog = landed[..states]
-            .iter()
-            .map(|(_, offset)| offset + 1)
-            .max()
-            .map(|next| (next, events_next));
+        let next_changelog = state::changelog_next(&landed, states, events_next);
         let kept_next = outcome_sends.iter().map(|&i| landed[i].1 + 1).max();
         Ok((changed, next_changelog, results, kept_next, decided, events))
     }

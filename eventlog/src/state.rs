@@ -261,39 +261,70 @@ impl<S: Serialize + DeserializeOwned + Clone> PartitionState<S> {
         next_changelog: i64,
         events_next: i64,
     ) -> anyhow::Result<()> {
-        self.events_next = self.events_next.max(events_next);
-        let mut txn = self.db.begin_write()?;
+        self.commit(changed, Some((next_changelog, events_next)), None)
+    }
+
+    /// Records what one committed Kafka transaction changed, in ONE store transaction: the
+    /// states with the changelog position they reach (`changelog`: the offset after the
+    /// last state record and the events offset they fold up to; see [`changelog_next`]),
+    /// and dedup entries kept from `source` up to its position (see [`Self::keep`]).
+    ///
+    /// Most commits are not synced to disk and run inline (a write to the page cache); one
+    /// every [`DURABLE_EVERY`] syncs, off the async threads.
+    pub fn commit(
+        &mut self,
+        changed: Vec<Changed<S>>,
+        changelog: Option<(i64, i64)>,
+        kept: Option<(Vec<Kept>, &str, Option<i64>)>,
+    ) -> anyhow::Result<()> {
+        if changelog.is_none() && kept.is_none() {
+            return Ok(());
+        }
         let durable = self.last_durable.elapsed() >= DURABLE_EVERY;
-        if !durable {
-            txn.set_durability(Durability::None);
-        }
-        {
-            let mut states = txn.open_table(STATES)?;
-            for c in &changed {
-                states.insert(c.id.as_str(), c.bytes.as_slice())?;
+        let mut entries = changed.len() as u64;
+        let write = |this: &mut Self| -> anyhow::Result<()> {
+            let mut txn = this.db.begin_write()?;
+            if !durable {
+                txn.set_durability(Durability::None);
             }
-            if let Some(index_of) = self.index {
-                let mut index = txn.open_table(INDEX)?;
+            if let Some((next, events_next)) = changelog {
+                this.events_next = this.events_next.max(events_next);
+                let mut states = txn.open_table(STATES)?;
                 for c in &changed {
-                    match index_of(&c.state) {
-                        Some(v) => index.insert(c.id.as_str(), v)?,
-                        None => index.remove(c.id.as_str())?,
-                    };
+                    states.insert(c.id.as_str(), c.bytes.as_slice())?;
                 }
+                if let Some(index_of) = this.index {
+                    let mut index = txn.open_table(INDEX)?;
+                    for c in &changed {
+                        match index_of(&c.state) {
+                            Some(v) => index.insert(c.id.as_str(), v)?,
+                            None => index.remove(c.id.as_str())?,
+                        };
+                    }
+                }
+                let mut meta = txn.open_table(META)?;
+                meta.insert("next", next.to_be_bytes().as_slice())?;
+                meta.insert("events_next", this.events_next.to_be_bytes().as_slice())?;
             }
-            let mut meta = txn.open_table(META)?;
-            meta.insert("next", next_changelog.to_be_bytes().as_slice())?;
-            meta.insert("events_next", self.events_next.to_be_bytes().as_slice())?;
-        }
-        txn.commit()?;
+            if let Some((kept, source, next)) = kept {
+                entries += kept.len() as u64;
+                keep_in(&txn, kept, source, next)?;
+            }
+            txn.commit()?;
+            Ok(())
+        };
         if durable {
+            blocking(|| write(self))?;
             self.last_durable = Instant::now();
             self.undurable = 0;
         } else {
-            self.undurable += changed.len() as u64;
+            write(self)?;
+            self.undurable += entries.max(1);
         }
-        for c in changed {
-            self.put_cache(c.id, c.state);
+        if changelog.is_some() {
+            for c in changed {
+                self.put_cache(c.id, c.state);
+            }
         }
         Ok(())
     }
@@ -338,48 +369,7 @@ impl<S: Serialize + DeserializeOwned + Clone> PartitionState<S> {
         source: &str,
         next: Option<i64>,
     ) -> anyhow::Result<()> {
-        let mut txn = self.db.begin_write()?;
-        let durable = self.last_durable.elapsed() >= DURABLE_EVERY;
-        if !durable {
-            txn.set_durability(Durability::None);
-        }
-        let count = entries.len() as u64;
-        {
-            let mut kept = txn.open_table(KEPT)?;
-            let mut expiry = txn.open_table(EXPIRY)?;
-            for e in entries {
-                let old = match kept.get(e.id)? {
-                    Some(v) => Some(i64::from_be_bytes(v.value()[..8].try_into()?)),
-                    None => None,
-                };
-                if old.is_some_and(|old| old >= e.expires_ms) {
-                    continue;
-                }
-                if let Some(old) = old {
-                    expiry.remove((old, e.id))?;
-                }
-                let mut value = Vec::with_capacity(8 + e.bytes.len());
-                value.extend_from_slice(&e.expires_ms.to_be_bytes());
-                value.extend_from_slice(&e.bytes);
-                kept.insert(e.id, value.as_slice())?;
-                expiry.insert((e.expires_ms, e.id), ())?;
-            }
-            if let Some(next) = next {
-                let mut meta = txn.open_table(META)?;
-                meta.insert(
-                    format!("kept_next {source}").as_str(),
-                    next.to_be_bytes().as_slice(),
-                )?;
-            }
-        }
-        txn.commit()?;
-        if durable {
-            self.last_durable = Instant::now();
-            self.undurable = 0;
-        } else {
-            self.undurable += count.max(1);
-        }
-        Ok(())
+        self.commit(Vec::new(), None, Some((entries, source, next)))
     }
 
     /// Forgets kept outcomes `source` has no more (its position is past its end: the
@@ -447,6 +437,79 @@ impl<S> Drop for PartitionState<S> {
     }
 }
 
+/// Keeps dedup entries inside a store transaction (see [`PartitionState::keep`]).
+fn keep_in(
+    txn: &redb::WriteTransaction,
+    entries: Vec<Kept>,
+    source: &str,
+    next: Option<i64>,
+) -> anyhow::Result<()> {
+    let mut kept = txn.open_table(KEPT)?;
+    let mut expiry = txn.open_table(EXPIRY)?;
+    for e in entries {
+        let old = match kept.get(e.id)? {
+            Some(v) => Some(i64::from_be_bytes(v.value()[..8].try_into()?)),
+            None => None,
+        };
+        if old.is_some_and(|old| old >= e.expires_ms) {
+            continue;
+        }
+        if let Some(old) = old {
+            expiry.remove((old, e.id))?;
+        }
+        let mut value = Vec::with_capacity(8 + e.bytes.len());
+        value.extend_from_slice(&e.expires_ms.to_be_bytes());
+        value.extend_from_slice(&e.bytes);
+        kept.insert(e.id, value.as_slice())?;
+        expiry.insert((e.expires_ms, e.id), ())?;
+    }
+    if let Some(next) = next {
+        let mut meta = txn.open_table(META)?;
+        meta.insert(
+            format!("kept_next {source}").as_str(),
+            next.to_be_bytes().as_slice(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Sends the new state of each changed aggregate (or saga) to `changelog` inside the
+/// caller's open transaction, after its events (`events_next`: the offset after the
+/// last of them). Answers the changes for [`PartitionState::commit`] and the deliveries,
+/// to be awaited FIRST with the commit, so that [`changelog_next`] finds them.
+pub fn send_states<S: Serialize>(
+    producer: &crate::TxnProducer,
+    changelog: &str,
+    partition: i32,
+    schema: u32,
+    events_next: i64,
+    states: impl IntoIterator<Item = (String, S)>,
+) -> anyhow::Result<(Vec<Changed<S>>, Vec<crate::Delivery>)> {
+    let mut changed = Vec::new();
+    let mut sends = Vec::new();
+    for (id, state) in states {
+        let (bytes, headers) = encode(&state, schema, events_next)?;
+        sends.push(producer.send(changelog, partition, &id, &bytes, headers)?);
+        changed.push(Changed { id, state, bytes });
+    }
+    Ok((changed, sends))
+}
+
+/// The changelog position a committed transaction reaches: the offset after the last of
+/// its `states` state records (the first ones `landed`) and the events offset they fold
+/// up to. `None` when it wrote no state.
+pub fn changelog_next(
+    landed: &[crate::Landed],
+    states: usize,
+    events_next: i64,
+) -> Option<(i64, i64)> {
+    landed[..states]
+        .iter()
+        .map(|(_, offset)| offset + 1)
+        .max()
+        .map(|next| (next, events_next))
+}
+
 /// The changelog record of one state: its JSON, and headers naming its schema and the
 /// events offset its transaction folds up to.
 pub fn encode<S: Serialize>(
@@ -479,17 +542,14 @@ pub fn seed<S: Serialize + Clone>(
     schema: u32,
     seed: &Seed<S>,
 ) -> anyhow::Result<(Vec<crate::Delivery>, Vec<Changed<S>>)> {
-    let mut sends = Vec::with_capacity(seed.states.len() + 1);
-    let mut changed = Vec::with_capacity(seed.states.len());
-    for (id, state) in &seed.states {
-        let (bytes, headers) = encode(state, schema, seed.events_next)?;
-        sends.push(producer.send(changelog, partition, id, &bytes, headers)?);
-        changed.push(Changed {
-            id: id.clone(),
-            state: state.clone(),
-            bytes,
-        });
-    }
+    let (changed, mut sends) = send_states(
+        producer,
+        changelog,
+        partition,
+        schema,
+        seed.events_next,
+        seed.states.iter().map(|(id, s)| (id.clone(), s.clone())),
+    )?;
     if seed.full {
         sends.push(producer.send(
             changelog,
@@ -748,13 +808,17 @@ where
                 // The index needs the state decoded; nothing else here does.
                 let indexed = match (index, message.payload()) {
                     (Some(index_of), Some(bytes)) if schema == Some(i64::from(spec.schema)) => {
-                        let state: S = serde_json::from_slice(bytes).with_context(|| {
-                            format!(
-                                "state of {key} at offset {} does not decode",
-                                message.offset()
-                            )
-                        })?;
-                        index_of(&state)
+                        match serde_json::from_slice::<S>(bytes) {
+                            Ok(state) => index_of(&state),
+                            Err(error) => {
+                                // Not a state this version can use: rebuild from the
+                                // events rather than retry a restore that cannot succeed.
+                                warn!(stream = spec.stream, partition = spec.partition, offset = message.offset(), key, %error, "a changelog state does not decode; the partition's state will be folded again from its events");
+                                stale_since_seed = true;
+                                stale_at.get_or_insert(message.offset());
+                                None
+                            }
+                        }
                     }
                     _ => None,
                 };
@@ -816,7 +880,7 @@ where
         let why = if spec.config.rebuild {
             "asked to rebuild state"
         } else {
-            "the changelog holds states of another schema version"
+            "the changelog holds states of another schema version, or that do not decode"
         };
         warn!(
             stream = spec.stream,

@@ -311,23 +311,16 @@ impl Worker {
             attempt += 1;
             match self.transact(&work, &consumed).await {
                 Ok((staged, next_changelog)) => {
-                    let mut changed = Vec::with_capacity(staged.len());
-                    for (id, (before, slot, bytes)) in staged {
-                        self.running += record(&self.shared.status.metrics, before.as_ref(), &slot);
+                    for (before, c) in &staged {
+                        let slot = &c.state;
+                        self.running += record(&self.shared.status.metrics, before.as_ref(), slot);
                         match slot.state.next_deadline() {
-                            Some(d) => self.deadlines.insert(id.clone(), d),
-                            None => self.deadlines.remove(&id),
+                            Some(d) => self.deadlines.insert(c.id.clone(), d),
+                            None => self.deadlines.remove(&c.id),
                         };
-                        changed.push(Changed {
-                            id,
-                            state: slot,
-                            bytes,
-                        });
                     }
-                    if let Some((next, events_next)) = next_changelog {
-                        // Off the async threads: every ten seconds it syncs to disk.
-                        state::blocking(|| self.sagas.committed(changed, next, events_next))?;
-                    }
+                    let changed = staged.into_iter().map(|(_, c)| c).collect();
+                    self.sagas.commit(changed, next_changelog, None)?;
                     return Ok(());
                 }
                 Err(err) => {
@@ -350,10 +343,7 @@ impl Worker {
         &mut self,
         work: &[Work],
         consumed: &HashMap<String, i64>,
-    ) -> anyhow::Result<(
-        HashMap<String, (Option<Slot>, Slot, Vec<u8>)>,
-        Option<(i64, i64)>,
-    )> {
+    ) -> anyhow::Result<(Vec<(Option<Slot>, Changed<Slot>)>, Option<(i64, i64)>)> {
         let topics = &self.shared.topics;
         let kafka = &self.shared.config.kafka;
         let saga_events = topics.events(STREAM);
@@ -467,23 +457,24 @@ impl Worker {
             .await?
             .last()
             .map_or(self.sagas.events_next(), |(_, offset)| offset + 1);
-        let changelog = topics.state(STREAM);
-        let mut out = HashMap::with_capacity(staged.len());
-        let mut state_sends = Vec::new();
-        for (id, (before, slot)) in staged {
+        // A saga an input left as it was is not written again.
+        let mut befores = Vec::with_capacity(staged.len());
+        let changed_sagas = staged.into_iter().filter_map(|(id, (before, slot))| {
             if before.as_ref().is_some_and(|b| b.version == slot.version) {
-                continue;
+                return None;
             }
-            let (bytes, headers) = state::encode(&slot, STATE_SCHEMA, events_next)?;
-            state_sends.push(self.producer.send(
-                &changelog,
-                self.partition,
-                &id,
-                &bytes,
-                headers,
-            )?);
-            out.insert(id, (before, slot, bytes));
-        }
+            befores.push(before);
+            Some((id, slot))
+        });
+        let (changed, state_sends) = state::send_states(
+            &self.producer,
+            &topics.state(STREAM),
+            self.partition,
+            STATE_SCHEMA,
+            events_next,
+            changed_sagas,
+        )?;
+        let out: Vec<(Option<Slot>, Changed<Slot>)> = befores.into_iter().zip(changed).collect();
         // The states' deliveries are awaited with the rest at the commit: no round trip of
         // their own. They go first, so their offsets are the first landed.
         let states = state_sends.len();
@@ -505,11 +496,7 @@ impl Worker {
             .commit(sends)
             .await
             .map_err(anyhow::Error::new)?;
-        let next_changelog = landed[..states]
-            .iter()
-            .map(|(_, offset)| offset + 1)
-            .max()
-            .map(|next| (next, events_next));
+        let next_changelog = state::changelog_next(&landed, states, events_next);
         self.shared.status.metrics.transaction();
         Ok((out, next_changelog))
     }

@@ -177,24 +177,7 @@ impl TestApp {
 
     /// Polls `/readyz` until 200 (partitions rebuilt), with a deadline.
     pub async fn wait_ready(&self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let ready = self
-                .http
-                .get(self.url("/readyz"))
-                .send()
-                .await
-                .map(|r| r.status() == 200)
-                .unwrap_or(false);
-            if ready {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "app not ready within 60s"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        wait_ready(&self.http, &self.url(""), 60).await;
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -405,22 +388,7 @@ impl TallyProcess {
 
     /// Polls `/readyz` until 200, with a deadline.
     pub async fn wait_ready(&self) {
-        let http = reqwest::Client::new();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
-        while http
-            .get(format!("{}/readyz", self.base))
-            .send()
-            .await
-            .map(|r| r.status() != 200)
-            .unwrap_or(true)
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tally at {} not ready within 90 s",
-                self.base
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        wait_ready(&reqwest::Client::new(), &self.base, 90).await;
     }
 
     /// SIGTERM, and the exit status.
@@ -430,5 +398,24 @@ impl TallyProcess {
             .status()
             .unwrap();
         self.child.wait().unwrap()
+    }
+}
+
+/// Polls `<base>/readyz` until it answers 200 (partitions restored), failing the test
+/// after `secs` seconds.
+pub async fn wait_ready(http: &reqwest::Client, base: &str, secs: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tally at {base} not ready within {secs} s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
