@@ -358,7 +358,12 @@ impl Partition {
 
 impl Drop for Partition {
     fn drop(&mut self) {
-        self.done_restoring();
+        // A partition revoked while restoring is no longer waited for. One whose worker
+        // failed still is, until the owner ends and resets its counts: `rebuild-state` or
+        // `/readyz` must not see a failed restore as done.
+        if self.revoked.is_cancelled() {
+            self.done_restoring();
+        }
     }
 }
 

@@ -45,6 +45,8 @@ pub const EVENTS_NEXT_HEADER: &str = "tally-events-next";
 /// Key of the record a seeding writes after every state: "all states before me are
 /// superseded by the ones written with me".
 const SEED_KEY: &str = "\u{0}seeded";
+/// Key in a store's meta table asking its next restore to fold the events again.
+const REBUILD_KEY: &str = "rebuild";
 
 const STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("states");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -240,10 +242,36 @@ impl<S: Serialize + DeserializeOwned + Clone> PartitionState<S> {
         let Some(bytes) = table.get(id)? else {
             return Ok(None);
         };
-        let state: S = serde_json::from_slice(bytes.value())
-            .with_context(|| format!("state of {id} in {} does not decode", self.path.display()))?;
+        let state: S = match serde_json::from_slice(bytes.value()) {
+            Ok(state) => state,
+            Err(error) => {
+                // Not a state this version can use (a corrupt changelog record, or a bug):
+                // the owner fails, and its next restore folds the events again instead
+                // of failing on this state for ever.
+                drop(table);
+                drop(read);
+                let asked = self.ask_rebuild();
+                return Err(anyhow::Error::new(error).context(format!(
+                    "state of {id} in {} does not decode; the partition's state will be rebuilt from its events on restart{}",
+                    self.path.display(),
+                    match asked {
+                        Ok(()) => String::new(),
+                        Err(e) => format!(" (could not say so in the store: {e}; run `tally rebuild-state`)"),
+                    }
+                )));
+            }
+        };
         self.put_cache(id.to_string(), state.clone());
         Ok(Some(state))
+    }
+
+    /// Marks the store so that the next restore folds the partition's events again.
+    fn ask_rebuild(&self) -> anyhow::Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?
+            .insert(REBUILD_KEY, [1u8].as_slice())?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// The offset of the events partition the states have folded up to: the value of the
@@ -654,6 +682,7 @@ fn reset(db: &Database, log_id: &str, schema: u32) -> anyhow::Result<()> {
         meta.insert("schema", schema.to_be_bytes().as_slice())?;
         meta.insert("next", 0i64.to_be_bytes().as_slice())?;
         meta.insert("events_next", 0i64.to_be_bytes().as_slice())?;
+        meta.remove(REBUILD_KEY)?;
     }
     txn.commit()?;
     Ok(())
@@ -744,11 +773,14 @@ where
     let mut next = meta_i64("next")?;
     let mut events_next = meta_i64("events_next")?;
     let stored_format = meta_get(&db, "format")?;
+    // Asked for (`tally rebuild-state`), or by an owner that met a state it cannot decode.
+    let undecodable = meta_get(&db, REBUILD_KEY)?.is_some();
+    let rebuild = spec.config.rebuild || undecodable;
     let trusted = stored_log.as_deref() == Some(spec.config.log_id.as_bytes())
         && stored_format.as_deref() == Some(STORE_FORMAT.to_be_bytes().as_slice())
         && stored_schema == Some(spec.schema)
         && next <= changelog_end
-        && !spec.config.rebuild;
+        && !rebuild;
     if !trusted {
         if next > 0 {
             info!(stream = spec.stream, partition = spec.partition, store = %path.display(), "local state store is for another log, schema or position; restoring from the changelog");
@@ -768,7 +800,7 @@ where
     let mut stale_at: Option<i64> = None;
     let mut records = 0u64;
     let mut last_log = Instant::now();
-    let end = if spec.config.rebuild {
+    let end = if rebuild {
         changelog_end
     } else {
         read_partition(
@@ -875,10 +907,12 @@ where
 
     // Fold what the changelog does not cover: every event when it cannot be trusted,
     // else the events past the last one its states have folded.
-    let full = stale_since_seed || spec.config.rebuild;
+    let full = stale_since_seed || rebuild;
     if full {
         let why = if spec.config.rebuild {
             "asked to rebuild state"
+        } else if undecodable {
+            "a state in the local store did not decode"
         } else {
             "the changelog holds states of another schema version, or that do not decode"
         };

@@ -398,6 +398,60 @@ async fn a_state_of_another_schema_version_is_rebuilt_from_the_events() {
         .unwrap();
     assert_eq!(placed.status(), StatusCode::OK);
     c.terminate();
+
+    // A state of the CURRENT schema that does not decode (a corrupt record) lands on the
+    // changelog; the local store, trusted, reads it as the changelog's tail. The owner
+    // that meets it fails once, and its restart folds the events again instead of failing
+    // on it for ever: the next command sees version 3.
+    let schema = <Order as commands::CommandStream>::STATE_SCHEMA.to_string();
+    producer
+        .send(
+            FutureRecord::to(&format!("{prefix}.order.state"))
+                .partition(partition)
+                .key(&id)
+                .payload(r#"{"version":"three"}"#)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: eventlog::state::SCHEMA_HEADER,
+                    value: Some(schema.as_str()),
+                })),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let d = TallyProcess::start(prefix, &processor_args(store), &[], log).await;
+    d.wait_ready().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let confirmed = loop {
+        let cancelled = http
+            .post(format!("{}/v1/orders/{id}/cancel", d.base))
+            .header("If-Match", "3")
+            .header("Idempotency-Key", format!("cancel-{id}"))
+            .json(&json!({ "reason": "corrupt snapshot test" }))
+            .send()
+            .await
+            .unwrap();
+        // 503 while the owner restarts; then the one answer.
+        if cancelled.status() != StatusCode::SERVICE_UNAVAILABLE {
+            break cancelled;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer after the rebuild"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(confirmed.status(), StatusCode::OK);
+    assert_eq!(
+        confirmed.json::<Value>().await.unwrap()["version"],
+        json!(4)
+    );
+    d.terminate();
+    let logs = std::fs::read_to_string(log).unwrap();
+    assert!(
+        logs.contains("a state in the local store did not decode"),
+        "the rebuild and its cause are said in the log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
