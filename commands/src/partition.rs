@@ -117,6 +117,13 @@ struct Pending {
     outcome: Decided,
 }
 
+impl Pending {
+    /// Its outcome is written to a topic in the command's transaction.
+    fn recorded(&self) -> bool {
+        self.remote || self.idempotent || self.reply_to.is_some()
+    }
+}
+
 enum Decided {
     Done(CommandResult),
     /// Accepted: the body needs the offset of its last event, known after delivery.
@@ -379,43 +386,97 @@ impl<A: CommandStream> PartitionWorker<A> {
             self.decide(&envelope, true, &mut txn, now).await?;
         }
 
-        // Results carry the events' offsets (the consistency token), so the events'
-        // deliveries are awaited first; all of it still commits or aborts as one.
         let Txn {
             staged,
             pending,
             event_sends,
             ..
         } = txn;
-        let events = event_sends.len();
-        let offsets: Vec<i64> = self
-            .producer
-            .flush(event_sends)
-            .await?
-            .into_iter()
-            .map(|(_, offset)| offset)
-            .collect();
-        // The new state of each aggregate changed, in the same transaction as its events.
-        let events_next = offsets
-            .last()
-            .map_or(self.aggregates.events_next(), |last| last + 1);
+        // The new state of each aggregate changed, in the same transaction as its events
+        // and sent with them: one produce round trip for both.
         let (changed, state_sends) = state::send_states(
             &self.producer,
             &topics.state(A::STREAM),
             self.partition,
             A::STATE_SCHEMA,
-            events_next,
+            self.aggregates.events_next(),
             staged,
         )?;
-        // The states' deliveries are awaited with the rest at the commit, not here: no
-        // round trip of their own. They go first, so their offsets are the first landed.
-        let states = state_sends.len();
-        let mut other_sends = state_sends
-            .into_iter()
-            .chain(other_sends)
-            .collect::<Vec<_>>();
+        // Results carry the events' offsets (the consistency token), so the events'
+        // deliveries are awaited first; all of it still commits or aborts as one.
+        let (events, states) = (event_sends.len(), state_sends.len());
+        // The states' deliveries are awaited with the rest at the commit: no round trip
+        // of their own. They go first, so their offsets are the first landed.
+        let mut sends = state_sends;
         // Where the dedup record's entries go, to know how far its topic is kept.
         let mut outcome_sends = Vec::new();
+        let mut pending = Some(pending);
+        // An outcome that is a record of this transaction (a remote request's result, a
+        // keyed outcome, a saga's reply) carries the events' offsets (the consistency
+        // token): the events are delivered first for it. When every outcome is only
+        // answered in this process, their offsets come with the commit: one produce
+        // round trip fewer (the usual case for HTTP commands without a key).
+        let settled = if pending.iter().flatten().any(Pending::recorded) {
+            let offsets: Vec<i64> = self
+                .producer
+                .flush(event_sends)
+                .await?
+                .into_iter()
+                .map(|(_, offset)| offset)
+                .collect();
+            sends.extend(other_sends);
+            let pending = pending.take().unwrap_or_default();
+            let settled = self.settle(pending, &offsets, &mut sends, &mut outcome_sends)?;
+            Some((offsets, settled))
+        } else {
+            sends.extend(event_sends);
+            sends.extend(other_sends);
+            None
+        };
+
+        if let Some(last) = last_consumed {
+            let topic = topics.commands(A::STREAM);
+            self.owned
+                .send_offsets(&self.producer, [(topic.as_str(), last + 1)])
+                .await?;
+        }
+        let landed = self
+            .producer
+            .commit(sends)
+            .await
+            .map_err(anyhow::Error::new)?;
+        let (offsets, (results, decided)) = match settled {
+            Some(settled) => settled,
+            None => {
+                let offsets: Vec<i64> = landed[states..states + events]
+                    .iter()
+                    .map(|(_, offset)| *offset)
+                    .collect();
+                let pending = pending.take().unwrap_or_default();
+                let settled = self.settle(pending, &offsets, &mut Vec::new(), &mut Vec::new())?;
+                (offsets, settled)
+            }
+        };
+        let events_next = offsets
+            .last()
+            .map_or(self.aggregates.events_next(), |last| last + 1);
+        let next_changelog = state::changelog_next(&landed, states, events_next);
+        let kept_next = outcome_sends.iter().map(|&i| landed[i].1 + 1).max();
+        Ok((changed, next_changelog, results, kept_next, decided, events))
+    }
+
+    /// The outcome of each decided command, its token made from the offsets its events
+    /// landed at; the records an outcome is written to are sent into `sends` (the
+    /// dedup record's positions in it into `outcome_sends`).
+    #[allow(clippy::type_complexity)]
+    fn settle(
+        &self,
+        pending: Vec<Pending>,
+        offsets: &[i64],
+        sends: &mut Vec<Delivery>,
+        outcome_sends: &mut Vec<usize>,
+    ) -> anyhow::Result<(Vec<(CommandResult, Vec<u8>, bool)>, Vec<(String, u16)>)> {
+        let topics = &self.shared.topics;
         let mut results = Vec::with_capacity(pending.len());
         let mut decided = Vec::with_capacity(pending.len());
         for p in pending {
@@ -450,7 +511,7 @@ impl<A: CommandStream> PartitionWorker<A> {
             let key = result.command_id.to_string();
             // A remote request waits on the results topic.
             if p.remote {
-                other_sends.push(self.producer.send(
+                sends.push(self.producer.send(
                     &topics.command_results(),
                     self.partition,
                     &key,
@@ -462,8 +523,8 @@ impl<A: CommandStream> PartitionWorker<A> {
             // the authority for exactly-once, written in the same transaction as the
             // command's events, to a topic this owner alone writes (fenced).
             if p.idempotent {
-                outcome_sends.push(other_sends.len());
-                other_sends.push(self.producer.send(
+                outcome_sends.push(sends.len());
+                sends.push(self.producer.send(
                     &topics.command_outcomes(A::STREAM),
                     self.partition,
                     &key,
@@ -472,7 +533,7 @@ impl<A: CommandStream> PartitionWorker<A> {
                 )?);
             }
             if let Some(reply) = &p.reply_to {
-                other_sends.push(self.producer.send(
+                sends.push(self.producer.send(
                     &reply.topic,
                     reply.partition,
                     &reply.key,
@@ -483,21 +544,7 @@ impl<A: CommandStream> PartitionWorker<A> {
             decided.push((p.command, crate::http::status(&result.outcome).as_u16()));
             results.push((result, payload, p.idempotent));
         }
-
-        if let Some(last) = last_consumed {
-            let topic = topics.commands(A::STREAM);
-            self.owned
-                .send_offsets(&self.producer, [(topic.as_str(), last + 1)])
-                .await?;
-        }
-        let landed = self
-            .producer
-            .commit(other_sends)
-            .await
-            .map_err(anyhow::Error::new)?;
-        let next_changelog = state::changelog_next(&landed, states, events_next);
-        let kept_next = outcome_sends.iter().map(|&i| landed[i].1 + 1).max();
-        Ok((changed, next_changelog, results, kept_next, decided, events))
+        Ok((results, decided))
     }
 
     /// Decides one command inside the open transaction: its events are sent, its
@@ -751,14 +798,17 @@ async fn restore_outcomes<A: CommandStream>(
 fn fold<A: CommandStream>(
     aggregates: &mut HashMap<String, Slot<A>>,
     message: &BorrowedMessage<'_>,
-) -> anyhow::Result<()> {
-    let (envelope, event) = state::next_event::<A::Event>(message, |id| {
+) -> anyhow::Result<bool> {
+    let Some((envelope, event)) = state::next_event::<A::Event>(message, |id| {
         aggregates.get(id).map_or(0, |slot| slot.version)
-    })?;
+    })?
+    else {
+        return Ok(false);
+    };
     let slot = aggregates.entry(envelope.aggregate_id).or_default();
     slot.state.apply(event);
     slot.version = envelope.sequence;
-    Ok(())
+    Ok(true)
 }
 
 /// Writes states folded from events the changelog did not cover to the changelog, in

@@ -17,7 +17,7 @@
 //! The store need not fsync each batch: what it lost in a crash, it reads again from the
 //! changelog past the offset it did keep.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -39,8 +39,12 @@ use crate::{read_partition, watermarks, KafkaConfig};
 
 /// The header of a changelog record that names its state schema version.
 pub const SCHEMA_HEADER: &str = "tally-state-schema";
-/// The header of a changelog record that names the offset of the events partition after
-/// the last event its transaction wrote: what the states up to it have folded.
+/// The header of a changelog record that names an offset of the events partition its
+/// states have folded every event before: the end of the events when its transaction
+/// began. They also hold their own transaction's events, past it, which a restore reads
+/// again and skips by version. (Not the end after the transaction's own events: the
+/// states are then sent WITH the events, not after them, which saves a produce round
+/// trip per transaction.)
 pub const EVENTS_NEXT_HEADER: &str = "tally-events-next";
 /// Key of the record a seeding writes after every state: "all states before me are
 /// superseded by the ones written with me".
@@ -502,21 +506,22 @@ fn keep_in(
 }
 
 /// Sends the new state of each changed aggregate (or saga) to `changelog` inside the
-/// caller's open transaction, after its events (`events_next`: the offset after the
-/// last of them). Answers the changes for [`PartitionState::commit`] and the deliveries,
-/// to be awaited FIRST with the commit, so that [`changelog_next`] finds them.
+/// caller's open transaction, WITH its events (`events_from`: the end of the events
+/// partition before them, see [`EVENTS_NEXT_HEADER`]). Answers the changes for
+/// [`PartitionState::commit`] and the deliveries, to be awaited FIRST with the commit, so
+/// that [`changelog_next`] finds them.
 pub fn send_states<S: Serialize>(
     producer: &crate::TxnProducer,
     changelog: &str,
     partition: i32,
     schema: u32,
-    events_next: i64,
+    events_from: i64,
     states: impl IntoIterator<Item = (String, S)>,
 ) -> anyhow::Result<(Vec<Changed<S>>, Vec<crate::Delivery>)> {
     let mut changed = Vec::new();
     let mut sends = Vec::new();
     for (id, state) in states {
-        let (bytes, headers) = encode(&state, schema, events_next)?;
+        let (bytes, headers) = encode(&state, schema, events_from)?;
         sends.push(producer.send(changelog, partition, &id, &bytes, headers)?);
         changed.push(Changed { id, state, bytes });
     }
@@ -705,11 +710,14 @@ pub struct RestoreSpec<'a> {
 
 /// Reads one event of a rebuild for a `fold`: its envelope and typed event, checked to be
 /// the next of its aggregate, whose version so far `version` answers (0 for a new one).
-/// A gap or repeat is an error: the log must be read in order and exactly once.
+/// `None` for an event the state has folded already: a changelog record promises only
+/// that its states hold every event before its [`EVENTS_NEXT_HEADER`] offset, and also
+/// hold their own transaction's events, which lie past it. A gap is an error: the log
+/// must be read in order.
 pub fn next_event<E: cqrs_es::DomainEvent>(
     message: &rdkafka::message::BorrowedMessage<'_>,
     version: impl FnOnce(&str) -> u64,
-) -> anyhow::Result<(crate::EventEnvelope, E)> {
+) -> anyhow::Result<Option<(crate::EventEnvelope, E)>> {
     let at = || {
         format!(
             "{}/{}/{}",
@@ -721,17 +729,20 @@ pub fn next_event<E: cqrs_es::DomainEvent>(
     let envelope: crate::EventEnvelope =
         serde_json::from_slice(message.payload().unwrap_or_default())
             .with_context(|| format!("event at {} is not an envelope", at()))?;
-    let event = envelope
-        .decode::<E>()
-        .with_context(|| format!("event {} at {} does not decode", envelope.event_type, at()))?;
     let version = version(&envelope.aggregate_id);
+    if envelope.sequence <= version {
+        return Ok(None);
+    }
     anyhow::ensure!(
         envelope.sequence == version + 1,
         "sequence gap at {}: {} after {version}",
         at(),
         envelope.sequence
     );
-    Ok((envelope, event))
+    let event = envelope
+        .decode::<E>()
+        .with_context(|| format!("event {} at {} does not decode", envelope.event_type, at()))?;
+    Ok(Some((envelope, event)))
 }
 
 /// Opens the partition's store and brings it up to the changelog's end, then folds any
@@ -745,7 +756,10 @@ pub async fn restore<S, F>(
 ) -> anyhow::Result<Restored<S>>
 where
     S: Serialize + DeserializeOwned + Clone + Send + 'static,
-    F: FnMut(&mut HashMap<String, S>, &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()>,
+    F: FnMut(
+        &mut HashMap<String, S>,
+        &rdkafka::message::BorrowedMessage<'_>,
+    ) -> anyhow::Result<bool>,
 {
     let started = Instant::now();
     let prefix = spec.kafka.topic_prefix.as_str();
@@ -928,6 +942,8 @@ where
     }
     let (_, events_end) = watermarks(spec.kafka, &spec.events, spec.partition).await?;
     let mut states: HashMap<String, S> = HashMap::new();
+    // The states an event changed (not every one read to check an event against).
+    let mut changed: HashSet<String> = HashSet::new();
     let mut folded = 0u64;
     // One offset past what the states folded is the commit marker of their last
     // transaction: nothing to read. (Events of an older writer, or an aborted transaction,
@@ -943,14 +959,12 @@ where
                 let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
                 if !full && !states.contains_key(&key) {
                     if let Some(before) = state.get(&key)? {
-                        states.insert(key, before);
+                        states.insert(key.clone(), before);
                     }
                 }
                 if spec.revoked.is_cancelled() {
                     anyhow::bail!("partition revoked while restoring");
                 }
-                from_events.inc();
-                folded += 1;
                 if last_log.elapsed() >= Duration::from_secs(2) {
                     last_log = Instant::now();
                     info!(
@@ -962,15 +976,25 @@ where
                         "folding events the changelog does not cover"
                     );
                 }
-                fold(&mut states, message)
+                // Counted only when it changed a state: the last transactions' own events
+                // are read again and skipped.
+                if fold(&mut states, message)? {
+                    from_events.inc();
+                    folded += 1;
+                    changed.insert(key);
+                }
+                Ok(())
             },
         )
         .await
         .with_context(|| format!("folding {}/{}", spec.events, spec.partition))?;
-        if folded > 0 && !full {
-            warn!(stream = spec.stream, partition = spec.partition, events = folded, aggregates = states.len(), "events past what the changelog covers (a log written before changelogs, or by an older version); folded and written to the changelog");
-        }
         state.events_next = reached;
+    }
+    // The last transactions' own events are read again and found folded already; only
+    // states an event changed go to the changelog.
+    states.retain(|id, _| changed.contains(id));
+    if !full && !states.is_empty() {
+        warn!(stream = spec.stream, partition = spec.partition, events = folded, aggregates = states.len(), "events past what the changelog covers (a log written before changelogs, or by an older version); folded and written to the changelog");
     }
     let to_seed = (full || !states.is_empty()).then(|| Seed {
         states,

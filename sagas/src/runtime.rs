@@ -449,15 +449,9 @@ impl Worker {
             }
             staged.insert(w.saga_id.clone(), (before, slot));
         }
-        // The new state of each saga that changed, with its events. A saga an input left
-        // as it was is not written again.
-        let events_next = self
-            .producer
-            .flush(event_sends)
-            .await?
-            .last()
-            .map_or(self.sagas.events_next(), |(_, offset)| offset + 1);
-        // A saga an input left as it was is not written again.
+        // The new state of each saga that changed, in the same transaction as its events
+        // and sent with them (one produce round trip). A saga an input left as it was is
+        // not written again.
         let mut befores = Vec::with_capacity(staged.len());
         let changed_sagas = staged.into_iter().filter_map(|(id, (before, slot))| {
             if before.as_ref().is_some_and(|b| b.version == slot.version) {
@@ -471,14 +465,19 @@ impl Worker {
             &topics.state(STREAM),
             self.partition,
             STATE_SCHEMA,
-            events_next,
+            self.sagas.events_next(),
             changed_sagas,
         )?;
         let out: Vec<(Option<Slot>, Changed<Slot>)> = befores.into_iter().zip(changed).collect();
-        // The states' deliveries are awaited with the rest at the commit: no round trip of
-        // their own. They go first, so their offsets are the first landed.
-        let states = state_sends.len();
-        let sends = state_sends.into_iter().chain(sends).collect::<Vec<_>>();
+        // Nothing here needs where the events land before the commit (a saga's commands
+        // carry no token), so every delivery is awaited once, at the commit. The states
+        // go first, then the events, so that their offsets are found in `landed`.
+        let (states, events) = (state_sends.len(), event_sends.len());
+        let sends = state_sends
+            .into_iter()
+            .chain(event_sends)
+            .chain(sends)
+            .collect::<Vec<_>>();
         if !consumed.is_empty() {
             self.owned
                 .send_offsets(
@@ -496,6 +495,9 @@ impl Worker {
             .commit(sends)
             .await
             .map_err(anyhow::Error::new)?;
+        let events_next = landed[states..states + events]
+            .last()
+            .map_or(self.sagas.events_next(), |(_, offset)| offset + 1);
         let next_changelog = state::changelog_next(&landed, states, events_next);
         self.shared.status.metrics.transaction();
         Ok((out, next_changelog))
@@ -644,10 +646,13 @@ fn unindex(value: i64) -> (bool, Option<DateTime<Utc>>) {
 }
 
 /// Folds one committed saga event into the sagas being rebuilt.
-fn fold(sagas: &mut HashMap<String, Slot>, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
-    let (envelope, event) = state::next_event::<FulfilmentEvent>(message, |id| {
+fn fold(sagas: &mut HashMap<String, Slot>, message: &BorrowedMessage<'_>) -> anyhow::Result<bool> {
+    let Some((envelope, event)) = state::next_event::<FulfilmentEvent>(message, |id| {
         sagas.get(id).map_or(0, |slot| slot.version)
-    })?;
+    })?
+    else {
+        return Ok(false);
+    };
     let slot = sagas.entry(envelope.aggregate_id).or_default();
     if slot.version == 0 {
         slot.correlation_id = envelope.metadata.correlation_id.clone();
@@ -655,7 +660,7 @@ fn fold(sagas: &mut HashMap<String, Slot>, message: &BorrowedMessage<'_>) -> any
     }
     slot.state.apply(event);
     slot.version = envelope.sequence;
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]
