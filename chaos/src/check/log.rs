@@ -1,0 +1,348 @@
+//! Invariants of the log itself: it decodes, its sequences are whole, each acknowledged
+//! command is in it once, keyed retries were answered alike, and the DLQ parks nothing
+//! that could have been applied.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aggregates::fulfilment::FulfilmentEvent;
+use aggregates::{InventoryEvent, OrderEvent, PaymentEvent};
+use eventlog::{EventEnvelope, Outcome};
+
+use super::{names, History, Verdict};
+use crate::model::{Ack, HttpAnswer, Log, LoggedEvent, Model};
+
+/// Every record of an event topic decodes as one of its stream's events.
+pub fn events_decode(log: &Log, history: &History<'_>) -> Verdict {
+    let mut v = Verdict::new(names::EVENTS_DECODE);
+    v.checked = log.events.values().map(Vec::len).sum();
+    for (stream, e, error) in &history.undecodable {
+        v.violate(
+            format!(
+                "{stream}/{} at {}:{}",
+                e.envelope.aggregate_id, e.partition, e.offset
+            ),
+            format!("a {stream} event"),
+            format!("{} that does not decode: {error}", e.envelope.event_type),
+        );
+    }
+    v
+}
+
+/// Each aggregate's events, in log order, carry sequences 1, 2, …, n — no gap, no
+/// repeat — and sit on one partition (its key's), so that order is the log's.
+pub fn sequences(log: &Log) -> Verdict {
+    let mut v = Verdict::new(names::SEQUENCES);
+    for (stream, events) in &log.events {
+        let mut by_id: BTreeMap<&str, Vec<&LoggedEvent>> = BTreeMap::new();
+        for e in events {
+            by_id.entry(&e.envelope.aggregate_id).or_default().push(e);
+        }
+        for (id, mut events) in by_id {
+            v.checked += 1;
+            events.sort_by_key(|e| (e.partition, e.offset));
+            let subject = format!("{stream}/{id}");
+            let partitions: BTreeSet<i32> = events.iter().map(|e| e.partition).collect();
+            if partitions.len() > 1 {
+                v.violate(&subject, "one partition", format!("{partitions:?}"));
+            }
+            let bad = events
+                .iter()
+                .enumerate()
+                .find(|(i, e)| e.envelope.sequence != *i as u64 + 1);
+            if let Some((i, e)) = bad {
+                v.violate(
+                    &subject,
+                    format!("sequence {} at {}:{}", i + 1, e.partition, e.offset),
+                    format!(
+                        "sequence {} (of {} events)",
+                        e.envelope.sequence,
+                        events.len()
+                    ),
+                );
+            }
+        }
+    }
+    v
+}
+
+/// Every acknowledged command — a `2xx` the client recorded, or an acceptance the log
+/// holds (outcomes topics, saga inbox, command results) — has its events in the log
+/// exactly once: an event at the version it was answered with, and the events carrying
+/// its command id form one run of consecutive sequences of that one aggregate, decided
+/// once (distinct event ids, one decision instant), ending at that version.
+pub fn acknowledged_once(model: &Model) -> Verdict {
+    let mut v = Verdict::new(names::ACKNOWLEDGED_ONCE);
+    let index = Index::of(&model.log);
+    let mut seen = BTreeSet::new();
+    for ack in acks(model) {
+        // Without a command id, the request is known by where it landed and who sent it.
+        let identity = ack.command_id.map(|c| c.to_string()).unwrap_or_else(|| {
+            format!(
+                "{:?}/{}@{}/{:?}",
+                ack.stream, ack.aggregate_id, ack.version, ack.correlation_id
+            )
+        });
+        if seen.insert(identity) {
+            v.checked += 1;
+            check_ack(&mut v, &index, &ack);
+        }
+    }
+    for o in &model.log.outcomes {
+        let command = o.result.command_id.to_string();
+        let applied = index.by_command.get(command.as_str()).map_or(0, Vec::len);
+        if !o.result.outcome.is_accepted() && applied > 0 && seen.insert(command.clone()) {
+            v.checked += 1;
+            v.violate(
+                format!("command {command}"),
+                "no event for a refused command",
+                format!("{applied} events, refused {:?}", o.result.outcome.refusal()),
+            );
+        }
+    }
+    v
+}
+
+/// The client's acks, then the acceptances found in the log.
+fn acks(model: &Model) -> Vec<Ack> {
+    let mut acks = model.client.acks.clone();
+    for o in &model.log.outcomes {
+        if let Outcome::Accepted {
+            aggregate_id,
+            version,
+            ..
+        } = &o.result.outcome
+        {
+            acks.push(Ack {
+                stream: o.stream.clone(),
+                aggregate_id: aggregate_id.clone(),
+                version: *version,
+                command_id: Some(o.result.command_id),
+                correlation_id: None,
+                idempotency_key: None,
+            });
+        }
+    }
+    acks
+}
+
+/// Events by command id and by (aggregate id, sequence), with their streams.
+struct Index<'a> {
+    by_command: BTreeMap<&'a str, Vec<(&'a str, &'a EventEnvelope)>>,
+    by_position: BTreeMap<(&'a str, u64), Vec<(&'a str, &'a EventEnvelope)>>,
+}
+
+impl<'a> Index<'a> {
+    fn of(log: &'a Log) -> Self {
+        let mut index = Index {
+            by_command: BTreeMap::new(),
+            by_position: BTreeMap::new(),
+        };
+        for (stream, events) in &log.events {
+            for e in events.iter().map(|e| &e.envelope) {
+                if let Some(c) = &e.metadata.command_id {
+                    index.by_command.entry(c).or_default().push((stream, e));
+                }
+                let position = (e.aggregate_id.as_str(), e.sequence);
+                index
+                    .by_position
+                    .entry(position)
+                    .or_default()
+                    .push((stream, e));
+            }
+        }
+        index
+    }
+}
+
+fn check_ack(v: &mut Verdict, index: &Index<'_>, ack: &Ack) {
+    let subject = format!(
+        "{} {}@{}",
+        ack.stream.as_deref().unwrap_or("command"),
+        ack.aggregate_id,
+        ack.version
+    );
+    let at: Vec<&EventEnvelope> = index
+        .by_position
+        .get(&(ack.aggregate_id.as_str(), ack.version))
+        .into_iter()
+        .flatten()
+        .filter(|(s, _)| ack.stream.as_deref().is_none_or(|want| want == *s))
+        .map(|(_, e)| *e)
+        .collect();
+    let Some(event) = at.first() else {
+        return v.violate(
+            subject,
+            "its event in the log",
+            "no event at that version: lost",
+        );
+    };
+    let found_command = event.metadata.command_id.clone().unwrap_or_default();
+    let command = ack
+        .command_id
+        .map_or(found_command.clone(), |c| c.to_string());
+    if command != found_command {
+        return v.violate(
+            subject,
+            format!("the event of command {command}"),
+            format!("the event of command {found_command:?}"),
+        );
+    }
+    if let Some(corr) = &ack.correlation_id {
+        if event.metadata.correlation_id.as_ref() != Some(corr) {
+            return v.violate(
+                subject,
+                format!("an event with correlation id {corr}"),
+                format!("{:?}", event.metadata.correlation_id),
+            );
+        }
+    }
+    let carrying = index
+        .by_command
+        .get(command.as_str())
+        .cloned()
+        .unwrap_or_default();
+    if let Err(found) = applied_once(&carrying, ack) {
+        v.violate(subject, format!("command {command} applied once"), found);
+    }
+}
+
+/// The events of one command: one aggregate, consecutive sequences ending at the acked
+/// version, distinct event ids, one decision instant.
+fn applied_once(events: &[(&str, &EventEnvelope)], ack: &Ack) -> Result<(), String> {
+    let ids: BTreeSet<&str> = events
+        .iter()
+        .map(|(_, e)| e.aggregate_id.as_str())
+        .collect();
+    if ids.len() != 1 {
+        return Err(format!("its events on aggregates {ids:?}"));
+    }
+    let event_ids: BTreeSet<_> = events.iter().map(|(_, e)| e.event_id).collect();
+    let instants: BTreeSet<_> = events.iter().map(|(_, e)| e.occurred_at).collect();
+    let mut sequences: Vec<u64> = events.iter().map(|(_, e)| e.sequence).collect();
+    sequences.sort_unstable();
+    let consecutive = sequences.windows(2).all(|w| w[1] == w[0] + 1);
+    if event_ids.len() != events.len() || instants.len() != 1 || !consecutive {
+        return Err(format!(
+            "{} events at sequences {sequences:?} from {} decisions: doubled",
+            events.len(),
+            instants.len()
+        ));
+    }
+    if sequences.last() != Some(&ack.version) {
+        return Err(format!("its events at sequences {sequences:?}"));
+    }
+    Ok(())
+}
+
+/// Whether an answer is the command's own outcome, which uses up its key (API.md): a
+/// `2xx`, `409` or `422`. Anything else (no answer, `503`, a `408` that applied nothing)
+/// may be followed by another.
+fn uses_up_key(status: u16) -> bool {
+    (200..300).contains(&status) || status == 409 || status == 422
+}
+
+/// A keyed request answered with its command's outcome got that same answer on every
+/// later attempt that was answered; the key's stored answer is that answer too; and the
+/// log holds one outcome per command id, however often it was written.
+pub fn keyed_retries(model: &Model) -> Verdict {
+    let mut v = Verdict::new(names::KEYED_RETRIES);
+    let stored: BTreeMap<&str, _> = model
+        .read
+        .idempotency_keys
+        .iter()
+        .map(|k| (k.key.as_str(), k))
+        .collect();
+    for request in &model.client.keyed {
+        v.checked += 1;
+        let subject = format!("key {}", request.key);
+        let mut answers = request.answers.iter();
+        let Some(first) = answers.by_ref().find(|a| uses_up_key(a.status)) else {
+            continue;
+        };
+        for later in answers.filter(|a| a.status != 0 && a.status < 500 && a.status != 429) {
+            if later != first {
+                v.violate(
+                    &subject,
+                    show(first),
+                    format!("a retry answered {}", show(later)),
+                );
+            }
+        }
+        if let Some(row) = stored.get(request.key.as_str()) {
+            let kept = (row.status, row.body.as_ref());
+            if row.status.is_some() && kept != (Some(first.status), Some(&first.body)) {
+                v.violate(&subject, show(first), format!("the key keeps {kept:?}"));
+            }
+        }
+    }
+    let mut by_command: BTreeMap<_, Vec<&Outcome>> = BTreeMap::new();
+    for o in &model.log.outcomes {
+        by_command
+            .entry(o.result.command_id)
+            .or_default()
+            .push(&o.result.outcome);
+    }
+    for (command, outcomes) in by_command {
+        v.checked += 1;
+        if let Some(other) = outcomes.iter().find(|o| **o != outcomes[0]) {
+            v.violate(
+                format!("command {command}"),
+                format!("one outcome: {:?}", outcomes[0]),
+                format!("also {other:?}"),
+            );
+        }
+    }
+    v
+}
+
+fn show(answer: &HttpAnswer) -> String {
+    format!("{} {}", answer.status, answer.body)
+}
+
+/// No dead-lettered record is an event that decodes: the projectors park only what can
+/// never apply, so a valid event there is one a read model is missing.
+pub fn dead_letters(log: &Log) -> Verdict {
+    let mut v = Verdict::new(names::DEAD_LETTERS);
+    for record in &log.dead_letters {
+        v.checked += 1;
+        let Some(envelope) = record
+            .payload
+            .as_deref()
+            .and_then(|p| serde_json::from_slice::<EventEnvelope>(p).ok())
+        else {
+            continue;
+        };
+        if decodes(&envelope) {
+            v.violate(
+                format!(
+                    "DLQ offset {} (from {})",
+                    record.offset,
+                    record.source.as_deref().unwrap_or("?")
+                ),
+                "only records that can never apply",
+                format!(
+                    "a valid {} {} of {}@{}",
+                    envelope.aggregate_type,
+                    envelope.event_type,
+                    envelope.aggregate_id,
+                    envelope.sequence
+                ),
+            );
+        }
+    }
+    v
+}
+
+/// Whether an envelope decodes as an event of its aggregate type.
+fn decodes(e: &EventEnvelope) -> bool {
+    use aggregates::fulfilment::Fulfilment;
+    use aggregates::{Inventory, Order, PaymentAccount};
+    use cqrs_es::Aggregate;
+    match e.aggregate_type.as_str() {
+        t if t == Order::TYPE => e.decode::<OrderEvent>().is_ok(),
+        t if t == Inventory::TYPE => e.decode::<InventoryEvent>().is_ok(),
+        t if t == PaymentAccount::TYPE => e.decode::<PaymentEvent>().is_ok(),
+        t if t == Fulfilment::TYPE => e.decode::<FulfilmentEvent>().is_ok(),
+        _ => false,
+    }
+}

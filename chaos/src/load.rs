@@ -1,0 +1,1 @@
+//! Building the model from Kafka and PostgreSQL.
