@@ -89,7 +89,7 @@ impl fmt::Display for Violation {
 
 /// Names of the invariants, in the order [`check`] reports them.
 pub mod names {
-    pub const EVENTS_DECODE: &str = "every event decodes";
+    pub const EVENTS_DECODE: &str = "every record decodes";
     pub const SEQUENCES: &str = "sequences are 1..n per aggregate";
     pub const ACKNOWLEDGED_ONCE: &str = "acknowledged commands are in the log once";
     pub const KEYED_RETRIES: &str = "keyed retries get the first answer";

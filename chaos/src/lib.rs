@@ -7,7 +7,8 @@
 //! - [`model`]: the log, the client's record and the read-model rows as plain data;
 //! - [`check`]: the invariants, pure functions over a [`model::Model`], each shown to fail
 //!   on a log made bad on purpose;
-//! - [`load`]: builds the model from Kafka and PostgreSQL.
+//! - [`load`]: builds the model from Kafka and PostgreSQL;
+//! - [`report`]: the table `chaos check` prints.
 //!
 //! It sits beside the system, not in it: it depends on `aggregates` (to fold events with
 //! their own `apply`) and `eventlog` (topics, envelopes, the `read_committed` reader),
@@ -16,3 +17,4 @@
 pub mod check;
 pub mod load;
 pub mod model;
+pub mod report;

@@ -29,6 +29,9 @@ pub struct Log {
     pub outcomes: Vec<LoggedOutcome>,
     /// The dead-letter topic.
     pub dead_letters: Vec<DeadLetter>,
+    /// Records of event or outcome topics that are not even an envelope or a result:
+    /// `topic/partition/offset: error`.
+    pub unreadable: Vec<String>,
 }
 
 /// One event record.
@@ -163,4 +166,16 @@ pub struct KeyRow {
     pub command_id: Uuid,
     pub status: Option<u16>,
     pub body: Option<Value>,
+}
+
+impl KeyRow {
+    /// Whether this row holds the client's `key`: stored as is, or scoped by a principal
+    /// (`<principal>\u{1f}<key>`) when authentication is on.
+    pub fn holds(&self, key: &str) -> bool {
+        self.key == key
+            || self
+                .key
+                .strip_suffix(key)
+                .is_some_and(|scope| scope.ends_with('\u{1f}'))
+    }
 }

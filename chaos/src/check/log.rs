@@ -11,10 +11,20 @@ use eventlog::{EventEnvelope, Outcome};
 use super::{names, History, Verdict};
 use crate::model::{Ack, HttpAnswer, Log, LoggedEvent, Model};
 
-/// Every record of an event topic decodes as one of its stream's events.
+/// Every record of an event topic decodes as one of its stream's events, and every
+/// record of an outcome topic as a command result.
 pub fn events_decode(log: &Log, history: &History<'_>) -> Verdict {
     let mut v = Verdict::new(names::EVENTS_DECODE);
-    v.checked = log.events.values().map(Vec::len).sum();
+    v.checked = log.events.values().map(Vec::len).sum::<usize>()
+        + log.outcomes.len()
+        + log.unreadable.len();
+    for record in &log.unreadable {
+        v.violate(
+            record,
+            "an envelope or a command result",
+            "a record that does not parse",
+        );
+    }
     for (stream, e, error) in &history.undecodable {
         v.violate(
             format!(
@@ -246,12 +256,6 @@ fn uses_up_key(status: u16) -> bool {
 /// log holds one outcome per command id, however often it was written.
 pub fn keyed_retries(model: &Model) -> Verdict {
     let mut v = Verdict::new(names::KEYED_RETRIES);
-    let stored: BTreeMap<&str, _> = model
-        .read
-        .idempotency_keys
-        .iter()
-        .map(|k| (k.key.as_str(), k))
-        .collect();
     for request in &model.client.keyed {
         v.checked += 1;
         let subject = format!("key {}", request.key);
@@ -268,7 +272,8 @@ pub fn keyed_retries(model: &Model) -> Verdict {
                 );
             }
         }
-        if let Some(row) = stored.get(request.key.as_str()) {
+        let mut stored = model.read.idempotency_keys.iter();
+        if let Some(row) = stored.find(|r| r.holds(&request.key)) {
             let kept = (row.status, row.body.as_ref());
             if row.status.is_some() && kept != (Some(first.status), Some(&first.body)) {
                 v.violate(&subject, show(first), format!("the key keeps {kept:?}"));
