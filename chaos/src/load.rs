@@ -283,6 +283,26 @@ mod tests {
     use super::*;
     use crate::model::Ack;
 
+    /// Not part of the suite: a smoke run of `load` against the running services
+    /// (`cargo test -p chaos -- --ignored --nocapture`), judging whatever they hold.
+    #[tokio::test]
+    #[ignore = "reads the running services; CHAOS_PREFIX, CHAOS_DATABASE_URL say which"]
+    async fn the_running_system_loads_and_is_judged() {
+        let prefix = std::env::var("CHAOS_PREFIX").unwrap_or_else(|_| "tally".into());
+        let kafka = KafkaConfig {
+            topic_prefix: prefix,
+            ..KafkaConfig::local("127.0.0.1:19092")
+        };
+        let url = std::env::var("CHAOS_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://tally:tally@127.0.0.1:15432/tally".into());
+        let model = load(&kafka, &url, ClientRecord::default())
+            .await
+            .expect("the running system loads");
+        let events: usize = model.log.events.values().map(Vec::len).sum();
+        println!("{events} events, {} outcomes", model.log.outcomes.len());
+        print!("{}", crate::report::render(&crate::check::check(&model), 5));
+    }
+
     #[test]
     fn a_keyed_ack_is_judged_by_its_keys_command_id() {
         let mut model = Model::default();

@@ -179,7 +179,13 @@ fn check_ack(v: &mut Verdict, index: &Index<'_>, ack: &Ack) {
         .filter(|(s, _)| ack.stream.as_deref().is_none_or(|want| want == *s))
         .map(|(_, e)| *e)
         .collect();
-    let Some(event) = at.first() else {
+    // A saga's events share its order's id: prefer the event of the acked command.
+    let wanted = ack.command_id.map(|c| c.to_string());
+    let event = at
+        .iter()
+        .find(|e| wanted.is_some() && e.metadata.command_id == wanted)
+        .or(at.first());
+    let Some(event) = event else {
         return v.violate(
             subject,
             "its event in the log",
