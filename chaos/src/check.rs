@@ -11,7 +11,9 @@
 //! an event at or below the version already applied is skipped). Gaps and repeats in the
 //! raw log are the business of [`log::sequences`].
 
+mod acked;
 mod history;
+mod journal;
 mod ledger;
 mod log;
 mod orders;
@@ -103,6 +105,7 @@ pub mod names {
     pub const INVENTORY_VIEW: &str = "inventory table = fold of the log";
     pub const ACCOUNTS_VIEW: &str = "accounts table = fold of the log";
     pub const SAGAS_VIEW: &str = "sagas table = fold of the log";
+    pub const JOURNAL_VIEW: &str = "event_journal table = the log";
     pub const DEAD_LETTERS: &str = "the DLQ holds no valid event";
 }
 
@@ -112,7 +115,7 @@ pub fn check(model: &Model) -> Vec<Verdict> {
     vec![
         log::events_decode(&model.log, &history),
         log::sequences(&model.log),
-        log::acknowledged_once(model),
+        acked::acknowledged_once(model),
         log::keyed_retries(model),
         ledger::stock_never_negative(&history),
         ledger::stock_conserved(&history),
@@ -124,6 +127,7 @@ pub fn check(model: &Model) -> Vec<Verdict> {
         views::inventory(&history, &model.read.inventory),
         views::accounts(&history, &model.read.accounts),
         views::sagas(&history, &model.read.sagas),
+        journal::journal(&model.log, &model.read.journal),
         log::dead_letters(&model.log),
     ]
 }

@@ -18,8 +18,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::model::{
-    AccountRow, ClientRecord, DeadLetter, InventoryRow, KeyRow, Log, LoggedEvent, LoggedOutcome,
-    Model, OrderRow, ReadModel, SagaRow,
+    AccountRow, ClientRecord, DeadLetter, InventoryRow, JournalRow, KeyRow, Log, LoggedEvent,
+    LoggedOutcome, Model, OrderRow, ReadModel, SagaRow,
 };
 
 /// The streams whose events, and the command streams whose outcomes, the checker reads.
@@ -198,6 +198,13 @@ pub async fn read_models(pool: &PgPool) -> anyhow::Result<ReadModel> {
             .fetch_all(pool)
             .await
             .context("reading sagas")?;
+    let journal: Vec<(String, String, i64, Value, i32, i64)> = sqlx::query_as(
+        r#"SELECT aggregate_type, aggregate_id, sequence, envelope, "partition", "offset"
+           FROM event_journal"#,
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading event_journal")?;
     let keys: Vec<(String, Uuid, Option<i16>, Option<Value>)> =
         sqlx::query_as("SELECT key, command_id, status, body FROM idempotency_keys")
             .fetch_all(pool)
@@ -231,6 +238,21 @@ pub async fn read_models(pool: &PgPool) -> anyhow::Result<ReadModel> {
                     failure_reason,
                     state,
                     version,
+                },
+            )
+            .collect(),
+        journal: journal
+            .into_iter()
+            .map(
+                |(aggregate_type, aggregate_id, sequence, envelope, partition, offset)| {
+                    JournalRow {
+                        aggregate_type,
+                        aggregate_id,
+                        sequence,
+                        envelope,
+                        partition,
+                        offset,
+                    }
                 },
             )
             .collect(),

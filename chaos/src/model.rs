@@ -114,6 +114,7 @@ pub struct ReadModel {
     pub inventory: Vec<InventoryRow>,
     pub accounts: Vec<AccountRow>,
     pub sagas: Vec<SagaRow>,
+    pub journal: Vec<JournalRow>,
     pub idempotency_keys: Vec<KeyRow>,
 }
 
@@ -157,6 +158,17 @@ pub struct SagaRow {
     pub failure_reason: Option<String>,
     pub state: Value,
     pub version: i64,
+}
+
+/// A row of `event_journal`: one envelope, where it was read from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JournalRow {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub envelope: Value,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// A row of `idempotency_keys`: the answer a key remembers, once it has one.

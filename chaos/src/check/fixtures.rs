@@ -385,4 +385,5 @@ pub fn settle(model: &mut Model) {
     model.read.inventory = inventory;
     model.read.accounts = accounts;
     model.read.sagas = sagas;
+    model.read.journal = super::journal::expected_journal(&model.log);
 }

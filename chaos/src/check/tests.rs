@@ -235,6 +235,14 @@ fn a_read_model_row_that_differs_from_the_fold_fails_its_table() {
     model.read.sagas[0].version -= 1;
     assert_eq!(failed(&model), vec![names::SAGAS_VIEW]);
 
+    let mut model = good.clone();
+    model.read.journal.remove(3);
+    assert_eq!(failed(&model), vec![names::JOURNAL_VIEW]);
+
+    let mut model = good.clone();
+    model.read.journal[0].envelope["payload"]["quantity"] = json!(11);
+    assert_eq!(failed(&model), vec![names::JOURNAL_VIEW]);
+
     let mut model = good;
     let mut extra = model.read.inventory[0].clone();
     extra.sku = "NEVER-STOCKED".into();

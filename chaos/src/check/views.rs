@@ -16,13 +16,18 @@ use crate::check::History;
 use crate::model::{AccountRow, InventoryRow, OrderRow, SagaRow};
 
 /// A row compared column by column.
-trait Row {
+pub(super) trait Row {
     fn key(&self) -> String;
     fn columns(&self) -> Vec<(&'static str, String)>;
 }
 
 /// The rows `table` should hold against those it holds.
-fn compare<R: Row>(name: &'static str, table: &str, expected: Vec<R>, found: &[R]) -> Verdict {
+pub(super) fn compare<R: Row>(
+    name: &'static str,
+    table: &str,
+    expected: Vec<R>,
+    found: &[R],
+) -> Verdict {
     let mut v = Verdict::new(name);
     let mut held: BTreeMap<String, &R> = found.iter().map(|r| (r.key(), r)).collect();
     for want in &expected {
@@ -56,7 +61,7 @@ fn compare<R: Row>(name: &'static str, table: &str, expected: Vec<R>, found: &[R
 
 /// JSON text with every object's keys sorted: PostgreSQL's `jsonb` keeps its own key
 /// order, which is no difference.
-fn canonical(value: &Value) -> String {
+pub(super) fn canonical(value: &Value) -> String {
     match value {
         Value::Object(map) => {
             let mut keys: Vec<&String> = map.keys().collect();
