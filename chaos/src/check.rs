@@ -26,7 +26,9 @@ mod tests;
 
 use std::fmt;
 
+pub use acked::AckCounts;
 pub use history::{Applied, History};
+pub use orders::SagaCounts;
 
 use crate::model::Model;
 
@@ -107,6 +109,21 @@ pub mod names {
     pub const SAGAS_VIEW: &str = "sagas table = fold of the log";
     pub const JOURNAL_VIEW: &str = "event_journal table = the log";
     pub const DEAD_LETTERS: &str = "the DLQ holds no valid event";
+}
+
+/// The run's headline figures: what became of the acknowledged commands and the sagas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub commands: AckCounts,
+    pub sagas: SagaCounts,
+}
+
+/// Counts the acknowledged commands and the sagas of `model`.
+pub fn summarize(model: &Model) -> Summary {
+    Summary {
+        commands: acked::ack_counts(model),
+        sagas: orders::saga_counts(&History::of(&model.log)),
+    }
 }
 
 /// Judges every invariant over `model`.

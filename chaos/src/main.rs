@@ -74,6 +74,10 @@ async fn main() -> anyhow::Result<ExitCode> {
     };
     let model = chaos::load::load(&kafka, &args.database_url, client).await?;
     let verdicts = chaos::check::check(&model);
+    print!(
+        "{}",
+        chaos::report::render_summary(&chaos::check::summarize(&model))
+    );
     print!("{}", chaos::report::render(&verdicts, args.show));
     Ok(if verdicts.iter().all(|v| v.passed()) {
         ExitCode::SUCCESS

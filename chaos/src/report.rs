@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::check::Verdict;
+use crate::check::{Summary, Verdict};
 
 /// The table for `verdicts`, showing at most `shown` violations per invariant.
 pub fn render(verdicts: &[Verdict], shown: usize) -> String {
@@ -36,6 +36,16 @@ pub fn render(verdicts: &[Verdict], shown: usize) -> String {
         verdicts.len()
     );
     out
+}
+
+/// The headline figures, one line each for commands and sagas.
+pub fn render_summary(summary: &Summary) -> String {
+    let (c, s) = (summary.commands, summary.sagas);
+    format!(
+        "commands: {} acknowledged, {} lost, {} doubled\n\
+         sagas: {} completed, {} compensated, {} stuck\n",
+        c.acknowledged, c.lost, c.doubled, s.completed, s.compensated, s.stuck
+    )
 }
 
 #[cfg(test)]

@@ -15,18 +15,20 @@ use crate::model::{Ack, Log, Model};
 pub fn acknowledged_once(model: &Model) -> Verdict {
     let mut v = Verdict::new(names::ACKNOWLEDGED_ONCE);
     let index = Index::of(&model.log);
-    let mut seen = BTreeSet::new();
-    for ack in acks(model) {
-        // Without a command id, the request is known by where it landed and who sent it.
-        let identity = ack.command_id.map(|c| c.to_string()).unwrap_or_else(|| {
-            format!(
-                "{:?}/{}@{}/{:?}",
-                ack.stream, ack.aggregate_id, ack.version, ack.correlation_id
-            )
-        });
-        if seen.insert(identity) {
-            v.checked += 1;
-            check_ack(&mut v, &index, &ack);
+    let (fates, mut seen) = fates(model, &index);
+    for (ack, fate) in fates {
+        v.checked += 1;
+        let subject = format!(
+            "{} {}@{}",
+            ack.stream.as_deref().unwrap_or("command"),
+            ack.aggregate_id,
+            ack.version
+        );
+        match fate {
+            Fate::Once => {}
+            Fate::Lost => v.violate(subject, "its event in the log", "no event there: lost"),
+            Fate::Doubled(found) => v.violate(subject, "its command applied once", found),
+            Fate::Mismatched { expected, found } => v.violate(subject, expected, found),
         }
     }
     for o in &model.log.outcomes {
@@ -42,6 +44,68 @@ pub fn acknowledged_once(model: &Model) -> Verdict {
         }
     }
     v
+}
+
+/// What became of one acknowledged command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fate {
+    /// Its events are in the log once.
+    Once,
+    /// No event where it was answered to be.
+    Lost,
+    /// Its command's events are there more than once.
+    Doubled(String),
+    /// The event where it was answered to be belongs to another command.
+    Mismatched { expected: String, found: String },
+}
+
+/// Each distinct acknowledged command with its fate, and the identities judged.
+fn fates(model: &Model, index: &Index<'_>) -> (Vec<(Ack, Fate)>, BTreeSet<String>) {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for ack in acks(model) {
+        // A command is known by its id (the client's ack and the log's outcome of one
+        // command are one); without one, by where it landed and who sent it.
+        let (fate, command) = fate(index, &ack);
+        let identity = command
+            .or(ack.command_id.map(|c| c.to_string()))
+            .unwrap_or_else(|| {
+                format!(
+                    "{:?}/{}@{}/{:?}",
+                    ack.stream, ack.aggregate_id, ack.version, ack.correlation_id
+                )
+            });
+        if seen.insert(identity) {
+            out.push((ack, fate));
+        }
+    }
+    (out, seen)
+}
+
+/// Commands acknowledged, and of those, lost and doubled: the run's headline figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AckCounts {
+    pub acknowledged: usize,
+    pub lost: usize,
+    pub doubled: usize,
+}
+
+/// Counts what became of the acknowledged commands.
+pub fn ack_counts(model: &Model) -> AckCounts {
+    let index = Index::of(&model.log);
+    let (fates, _) = fates(model, &index);
+    let mut counts = AckCounts {
+        acknowledged: fates.len(),
+        ..AckCounts::default()
+    };
+    for (_, fate) in fates {
+        match fate {
+            Fate::Lost => counts.lost += 1,
+            Fate::Doubled(_) => counts.doubled += 1,
+            Fate::Once | Fate::Mismatched { .. } => {}
+        }
+    }
+    counts
 }
 
 /// The client's acks, then the acceptances found in the log.
@@ -96,13 +160,9 @@ impl<'a> Index<'a> {
     }
 }
 
-fn check_ack(v: &mut Verdict, index: &Index<'_>, ack: &Ack) {
-    let subject = format!(
-        "{} {}@{}",
-        ack.stream.as_deref().unwrap_or("command"),
-        ack.aggregate_id,
-        ack.version
-    );
+/// Judges one acknowledged command against the log; with the id of its command when the
+/// log names it (its event is where the ack says, and no other command's).
+fn fate(index: &Index<'_>, ack: &Ack) -> (Fate, Option<String>) {
     let at: Vec<&EventEnvelope> = index
         .by_position
         .get(&(ack.aggregate_id.as_str(), ack.version))
@@ -118,30 +178,24 @@ fn check_ack(v: &mut Verdict, index: &Index<'_>, ack: &Ack) {
         .find(|e| wanted.is_some() && e.metadata.command_id == wanted)
         .or(at.first());
     let Some(event) = event else {
-        return v.violate(
-            subject,
-            "its event in the log",
-            "no event at that version: lost",
-        );
+        return (Fate::Lost, None);
     };
     let found_command = event.metadata.command_id.clone().unwrap_or_default();
-    let command = ack
-        .command_id
-        .map_or(found_command.clone(), |c| c.to_string());
+    let command = wanted.unwrap_or_else(|| found_command.clone());
     if command != found_command {
-        return v.violate(
-            subject,
-            format!("the event of command {command}"),
-            format!("the event of command {found_command:?}"),
-        );
+        let fate = Fate::Mismatched {
+            expected: format!("the event of command {command}"),
+            found: format!("the event of command {found_command:?}"),
+        };
+        return (fate, None);
     }
     if let Some(corr) = &ack.correlation_id {
         if event.metadata.correlation_id.as_ref() != Some(corr) {
-            return v.violate(
-                subject,
-                format!("an event with correlation id {corr}"),
-                format!("{:?}", event.metadata.correlation_id),
-            );
+            let fate = Fate::Mismatched {
+                expected: format!("an event with correlation id {corr}"),
+                found: format!("{:?}", event.metadata.correlation_id),
+            };
+            return (fate, None);
         }
     }
     let carrying = index
@@ -149,9 +203,11 @@ fn check_ack(v: &mut Verdict, index: &Index<'_>, ack: &Ack) {
         .get(command.as_str())
         .cloned()
         .unwrap_or_default();
-    if let Err(found) = applied_once(&carrying, ack) {
-        v.violate(subject, format!("command {command} applied once"), found);
-    }
+    let fate = match applied_once(&carrying, ack) {
+        Ok(()) => Fate::Once,
+        Err(found) => Fate::Doubled(format!("command {command}: {found}")),
+    };
+    (fate, Some(command))
 }
 
 /// The events of one command: one aggregate, consecutive sequences ending at the acked

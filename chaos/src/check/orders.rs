@@ -126,6 +126,29 @@ fn show(status: Option<OrderStatus>) -> String {
     status.map_or("no status".to_string(), |s| s.to_string())
 }
 
+/// Sagas by how they ended, for the run's headline figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SagaCounts {
+    pub completed: usize,
+    pub compensated: usize,
+    /// Still running when the log was read.
+    pub stuck: usize,
+}
+
+/// Counts the sagas by their end.
+pub fn saga_counts(history: &History<'_>) -> SagaCounts {
+    let mut counts = SagaCounts::default();
+    for events in history.sagas.values() {
+        let saga: Fulfilment = fold(events);
+        match saga.status {
+            Some(SagaStatus::Completed) => counts.completed += 1,
+            Some(SagaStatus::Compensated) => counts.compensated += 1,
+            _ => counts.stuck += 1,
+        }
+    }
+    counts
+}
+
 /// Every saga ended (completed or compensated), and every order ever placed has one.
 pub fn sagas_terminal(history: &History<'_>) -> Verdict {
     let mut v = Verdict::new(names::SAGAS_TERMINAL);

@@ -10,7 +10,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::fixtures::{settle, Sim};
-use super::{check, names, Verdict};
+use super::{check, names, summarize, AckCounts, SagaCounts, Verdict};
 use crate::model::{Ack, DeadLetter, HttpAnswer, KeyRow, KeyedRequest, LoggedEvent, Model};
 
 /// A shop's afternoon: stock, money, and one order of each ending.
@@ -107,6 +107,17 @@ fn a_good_log_passes_every_invariant_and_each_looked_at_something() {
         Some(("rejected".into(), Some("payment_declined".into())))
     );
     assert_eq!(status(&o.cancelled), Some(("cancelled".into(), None)));
+    let summary = summarize(&model);
+    assert_eq!(
+        summary.sagas,
+        SagaCounts {
+            completed: 1,
+            compensated: 3,
+            stuck: 0
+        }
+    );
+    assert_eq!((summary.commands.lost, summary.commands.doubled), (0, 0));
+    assert!(summary.commands.acknowledged > 20, "{summary:?}");
     let stock: Vec<_> = model
         .read
         .inventory
@@ -128,6 +139,12 @@ fn a_duplicated_event_fails_sequences_and_exactly_once() {
     let failed = failed(&model);
     assert!(failed.contains(&names::SEQUENCES), "{failed:?}");
     assert!(failed.contains(&names::ACKNOWLEDGED_ONCE), "{failed:?}");
+    let counted = summarize(&model).commands;
+    assert_eq!(
+        (counted.lost, counted.doubled),
+        (0, 1),
+        "the saga's sale, twice"
+    );
 }
 
 #[test]
@@ -266,6 +283,7 @@ fn a_saga_that_never_ended_fails_both_saga_invariants() {
         failed(&model),
         vec![names::SAGAS_TERMINAL, names::SAGA_MATCHES_ORDER]
     );
+    assert_eq!(summarize(&model).sagas.stuck, 1);
 }
 
 #[test]
@@ -278,6 +296,8 @@ fn a_lost_acknowledged_command_fails_exactly_once() {
     let v = verdict(&model, names::ACKNOWLEDGED_ONCE);
     assert_eq!(v.violations.len(), 1, "{v:?}");
     assert!(v.violations[0].found.contains("lost"), "{v:?}");
+    let AckCounts { lost, doubled, .. } = summarize(&model).commands;
+    assert_eq!((lost, doubled), (1, 0));
 
     // An ack whose correlation id names another request's event is not that event.
     let mut model = sim.settled();
