@@ -61,8 +61,19 @@ pub struct DeadLetter {
     pub payload: Option<Vec<u8>>,
 }
 
-/// What the workload's client was told. It is written by the workload as JSON, so it is
-/// (de)serialisable.
+/// What the workload's client was told, written by the workload as JSON and passed to
+/// `chaos check --client-record`. Every field but the ids and versions may be left out:
+///
+/// ```json
+/// {"acks": [{"stream": "inventory", "aggregate_id": "WIDGET-1", "version": 3,
+///            "correlation_id": "req-17"},
+///           {"aggregate_id": "5f0c…", "version": 4, "idempotency_key": "place-5f0c…"}],
+///  "keyed": [{"key": "place-5f0c…", "answers": [{"status": 503, "body": {}},
+///                                               {"status": 200, "body": {"version": 4}}]}]}
+/// ```
+///
+/// Send each request with its own `X-Correlation-ID` (the events keep it), or record the
+/// Idempotency-Key: the key's command id is looked up in `idempotency_keys`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClientRecord {
     /// Every command answered `2xx`.
