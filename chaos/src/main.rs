@@ -85,3 +85,42 @@ async fn main() -> anyhow::Result<ExitCode> {
         ExitCode::FAILURE
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed_and_parses_the_settings() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "chaos",
+            "check",
+            "--brokers",
+            "b:1",
+            "--database-url",
+            "postgres://x",
+            "--prefix",
+            "run-7",
+            "--kafka-property",
+            "security.protocol=SSL",
+        ])
+        .expect("the arguments parse");
+        let Command::Check(args) = cli.command;
+        assert_eq!(
+            (
+                args.brokers.as_str(),
+                args.database_url.as_str(),
+                args.prefix.as_str()
+            ),
+            ("b:1", "postgres://x", "run-7")
+        );
+        assert_eq!(
+            args.kafka_properties,
+            vec![("security.protocol".to_string(), "SSL".to_string())]
+        );
+        assert!(Cli::try_parse_from(["chaos", "check", "--kafka-property", "nokey"]).is_err());
+    }
+}
