@@ -419,3 +419,31 @@ pub async fn wait_ready(http: &reqwest::Client, base: &str, secs: u64) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// Judges every invariant of the fault suite's checker (`chaos`) over the whole log of
+/// `prefix` and its read models, until all hold (the read side catches up) or 60 s pass;
+/// then fails the test with the checker's report.
+pub async fn assert_the_log_holds(prefix: &str, partitions: u32) {
+    let kafka = args(prefix, partitions, "api", &[]).await.0.kafka();
+    let database = database_for(prefix).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let model = chaos::load::load(&kafka, &database, Default::default())
+            .await
+            .expect("the checker reads the log and the read models");
+        let verdicts = chaos::check::check(&model);
+        if verdicts.iter().all(|v| v.passed()) {
+            assert!(
+                verdicts.iter().any(|v| v.checked > 0),
+                "the checker judged nothing"
+            );
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the checker finds the log broken:\n{}",
+            chaos::report::render(&verdicts, 10)
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}

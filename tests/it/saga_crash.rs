@@ -274,6 +274,9 @@ async fn a_saga_orchestrator_killed_between_any_two_steps_resumes_without_loss_o
         .matches("saga orchestrator started")
         .count();
     assert_eq!(restarts, 8, "eight orchestrators ran (seven were killed)");
+    // The whole log and every read model, judged by the fault suite's checker: nothing
+    // doubled or lost, stock and money add up, every saga ended as its order did.
+    crate::common::assert_the_log_holds(&prefix, PARTITIONS).await;
     for (_, app) in processors.running.drain() {
         app.stop().await;
     }
