@@ -305,6 +305,32 @@ async fn a_takeover_with_an_empty_store_and_a_tiny_cache_answers_as_the_model() 
     b.terminate();
 }
 
+/// Writes a changelog record for order `id` by hand, claiming state schema `schema`.
+async fn write_state(
+    producer: &FutureProducer,
+    prefix: &str,
+    partition: i32,
+    id: &str,
+    schema: &str,
+    payload: &str,
+) {
+    producer
+        .send(
+            FutureRecord::to(&format!("{prefix}.order.state"))
+                .partition(partition)
+                .key(id)
+                .payload(payload)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: eventlog::state::SCHEMA_HEADER,
+                    value: Some(schema),
+                })),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_state_of_another_schema_version_is_rebuilt_from_the_events() {
     let scratch = Scratch::new();
@@ -328,22 +354,15 @@ async fn a_state_of_another_schema_version_is_rebuilt_from_the_events() {
     let kafka = crate::common::args(prefix, 2, "api", &[]).await.0.kafka();
     let producer: FutureProducer = kafka.producer().create().unwrap();
     let partition = eventlog::partition_for(&id, 2);
-    let headers = OwnedHeaders::new().insert(Header {
-        key: eventlog::state::SCHEMA_HEADER,
-        value: Some("0"),
-    });
-    producer
-        .send(
-            FutureRecord::to(&format!("{prefix}.order.state"))
-                .partition(partition)
-                .key(&id)
-                .payload(r#"{"version":99,"state":{}}"#)
-                .headers(headers),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
+    write_state(
+        &producer,
+        prefix,
+        partition,
+        &id,
+        "0",
+        r#"{"version":99,"state":{}}"#,
+    )
+    .await;
     std::fs::remove_dir_all(store).unwrap();
 
     let b = TallyProcess::start(prefix, &processor_args(store), &[], log).await;
@@ -404,21 +423,15 @@ async fn a_state_of_another_schema_version_is_rebuilt_from_the_events() {
     // that meets it fails once, and its restart folds the events again instead of failing
     // on it for ever: the next command sees version 3.
     let schema = <Order as commands::CommandStream>::STATE_SCHEMA.to_string();
-    producer
-        .send(
-            FutureRecord::to(&format!("{prefix}.order.state"))
-                .partition(partition)
-                .key(&id)
-                .payload(r#"{"version":"three"}"#)
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: eventlog::state::SCHEMA_HEADER,
-                    value: Some(schema.as_str()),
-                })),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
+    write_state(
+        &producer,
+        prefix,
+        partition,
+        &id,
+        &schema,
+        r#"{"version":"three"}"#,
+    )
+    .await;
     let d = TallyProcess::start(prefix, &processor_args(store), &[], log).await;
     d.wait_ready().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
