@@ -115,7 +115,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "  acknowledged {}, lost {}, doubled {}",
+            "  acknowledged {}, lost {}, doubled {} (the client's 2xx and the saga's accepted commands)",
             c.acknowledged, c.lost, c.doubled
         );
         let _ = writeln!(
