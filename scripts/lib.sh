@@ -8,6 +8,11 @@ KAFKA_VERSION="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$ROO
 KAFKA_PORT="${TALLY_KAFKA_PORT:-19092}"
 KAFKA_CONTROLLER_PORT="${TALLY_KAFKA_CONTROLLER_PORT:-19093}"
 KAFKA_HEAP="${TALLY_KAFKA_HEAP:-512m}"
+# Brokers of the local Kafka: 1 (the default) or a KRaft cluster of N (scripts/services
+# up --brokers N). Broker i listens on KAFKA_PORT + (i-1)*KAFKA_PORT_STEP, its controller
+# on KAFKA_CONTROLLER_PORT + (i-1)*KAFKA_PORT_STEP. The count `up` started is remembered.
+KAFKA_BROKER_COUNT="${TALLY_KAFKA_BROKER_COUNT:-$(cat "$DATA/kafka.brokers" 2>/dev/null || echo 1)}"
+KAFKA_PORT_STEP="${TALLY_KAFKA_PORT_STEP:-10}"
 PG_PORT="${TALLY_PG_PORT:-15432}"
 PG_CLUSTER="${TALLY_PG_CLUSTER:-tally}"
 PG_USER="${TALLY_PG_USER:-tally}"
@@ -15,7 +20,19 @@ PG_PASSWORD="${TALLY_PG_PASSWORD:-tally}"
 PG_DB="${TALLY_PG_DB:-tally}"
 READY_TIMEOUT="${TALLY_READY_TIMEOUT:-90}"
 
-export TALLY_KAFKA_BROKERS="${TALLY_KAFKA_BROKERS:-127.0.0.1:$KAFKA_PORT}"
+# Ports of broker $1 (1-based): its client port and its controller port.
+kafka_port() { echo $((KAFKA_PORT + ($1 - 1) * KAFKA_PORT_STEP)); }
+kafka_controller_port() { echo $((KAFKA_CONTROLLER_PORT + ($1 - 1) * KAFKA_PORT_STEP)); }
+_bootstrap=""
+for ((_i = 1; _i <= KAFKA_BROKER_COUNT; _i++)); do
+  _bootstrap="${_bootstrap:+$_bootstrap,}127.0.0.1:$(kafka_port "$_i")"
+done
+export TALLY_KAFKA_BROKERS="${TALLY_KAFKA_BROKERS:-$_bootstrap}"
+unset _bootstrap _i
+# A cluster replicates what Tally creates 3 ways (or over every broker, if fewer).
+if [ "$KAFKA_BROKER_COUNT" -gt 1 ]; then
+  export TALLY_REPLICATION_FACTOR="${TALLY_REPLICATION_FACTOR:-$((KAFKA_BROKER_COUNT < 3 ? KAFKA_BROKER_COUNT : 3))}"
+fi
 export DATABASE_URL="${DATABASE_URL:-postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB}"
 
 log() { printf '\033[1m[tally]\033[0m %s\n' "$*" >&2; }
