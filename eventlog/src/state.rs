@@ -1025,9 +1025,12 @@ where
 #[derive(Default)]
 struct Chunk {
     bytes: Vec<u8>,
-    /// Per record: its key and its state (`None`: deleted) in `bytes`, its index value.
-    entries: Vec<(Range<usize>, Option<Range<usize>>, Option<i64>)>,
+    entries: Vec<ChunkEntry>,
 }
+
+/// One record of a [`Chunk`]: its key and its state (`None`: deleted) in the chunk's
+/// buffer, and its index value.
+type ChunkEntry = (Range<usize>, Option<Range<usize>>, Option<i64>);
 
 impl Chunk {
     fn push(&mut self, key: &str, state: Option<&[u8]>, indexed: Option<i64>) {

@@ -15,9 +15,12 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::TopicPartitionList;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::KafkaConfig;
+
+/// How long a transaction may stay open before the broker aborts it.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What to do about a Kafka error inside a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +140,10 @@ impl TxnProducer {
             // the back-off short.
             .set("retry.backoff.ms", "5")
             .set("retry.backoff.max.ms", "50")
-            .set("transaction.timeout.ms", "60000")
+            .set(
+                "transaction.timeout.ms",
+                TRANSACTION_TIMEOUT.as_millis().to_string(),
+            )
             .set("queue.buffering.max.messages", "1000000")
             .create()
             .context("creating a transactional producer")?;
@@ -162,10 +168,11 @@ impl TxnProducer {
         &self.transactional_id
     }
 
-    /// Starts a transaction.
-    /// (`begin_transaction` only changes local state: it does not block, so it runs here.)
+    /// Starts a transaction. `begin_transaction` changes only local state, but waits for
+    /// librdkafka's main thread to do it, with no timeout of its own: it runs bounded,
+    /// off the async threads, like every other transactional call.
     pub async fn begin(&self) -> KafkaResult<()> {
-        self.producer.begin_transaction()
+        self.blocking(|p, _| p.begin_transaction()).await
     }
 
     /// Queues one record in the open transaction.
@@ -191,11 +198,18 @@ impl TxnProducer {
     /// Waits for each delivery and answers where its record landed.
     pub async fn flush(&self, deliveries: Vec<Delivery>) -> KafkaResult<Vec<Landed>> {
         let mut landed = Vec::with_capacity(deliveries.len());
+        // Every record has its report within the transaction timeout (librdkafka bounds
+        // `message.timeout.ms` by it); past that the producer is given up, as above.
+        let deadline = tokio::time::Instant::now() + TRANSACTION_TIMEOUT + OVERDUE;
         for Delivery(future) in deliveries {
-            match future.await {
-                Ok(Ok(delivery)) => landed.push((delivery.partition, delivery.offset)),
-                Ok(Err((err, _))) => return Err(self.fatal_or(err)),
-                Err(_) => return Err(self.fatal_or(KafkaError::Canceled)),
+            match tokio::time::timeout_at(deadline, future).await {
+                Ok(Ok(Ok(delivery))) => landed.push((delivery.partition, delivery.offset)),
+                Ok(Ok(Err((err, _)))) => return Err(self.fatal_or(err)),
+                Ok(Err(_)) => return Err(self.fatal_or(KafkaError::Canceled)),
+                Err(_) => {
+                    warn!("a record's delivery report did not come within the transaction timeout; giving the producer up (its owner restarts and fences it)");
+                    return Err(KafkaError::Canceled);
+                }
             }
         }
         Ok(landed)
@@ -254,10 +268,106 @@ impl TxnProducer {
     where
         F: FnOnce(&FutureProducer, Duration) -> KafkaResult<()> + Send + 'static,
     {
-        let producer = self.producer.clone();
-        let timeout = self.timeout;
-        tokio::task::spawn_blocking(move || call(&producer, timeout))
-            .await
-            .unwrap_or(Err(KafkaError::Canceled))
+        bounded(&self.producer, self.timeout, OVERDUE, call).await
+    }
+}
+
+/// How long past its own timeout a librdkafka call may take before the producer is
+/// given up. librdkafka's transactional calls can block past the timeout they are given
+/// (seen under fault injection: an abort after an `ILLEGAL_GENERATION` whose group
+/// coordinator was then killed never returned, and its partition took no command for
+/// minutes while the member kept its assignment).
+const OVERDUE: Duration = Duration::from_secs(10);
+
+/// Runs a blocking librdkafka call with `timeout` off the async threads, and gives up on
+/// it at `timeout` + `overdue` with [`KafkaError::Canceled`], which [`classify`] calls
+/// fatal: the owner restarts, and the next producer's `init_transactions` fences this one
+/// (a call still stuck keeps its thread; nothing it could still write can commit).
+async fn bounded<F>(
+    producer: &FutureProducer,
+    timeout: Duration,
+    overdue: Duration,
+    call: F,
+) -> KafkaResult<()>
+where
+    F: FnOnce(&FutureProducer, Duration) -> KafkaResult<()> + Send + 'static,
+{
+    let producer = producer.clone();
+    let task = tokio::task::spawn_blocking(move || call(&producer, timeout));
+    match tokio::time::timeout(timeout + overdue, task).await {
+        Ok(result) => result.unwrap_or(Err(KafkaError::Canceled)),
+        Err(_) => {
+            warn!(
+                timeout_ms = timeout.as_millis() as u64,
+                "a transactional Kafka call did not return within its timeout; giving the producer up (its owner restarts and fences it)"
+            );
+            Err(KafkaError::Canceled)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn producer() -> FutureProducer {
+        // Creating a client connects to nothing yet; these calls never reach a broker.
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .create()
+            .expect("a producer")
+    }
+
+    #[tokio::test]
+    async fn a_call_stuck_past_its_timeout_gives_the_producer_up() {
+        let started = std::time::Instant::now();
+        let result = bounded(
+            &producer(),
+            Duration::from_millis(50),
+            Duration::from_millis(100),
+            |_, _| {
+                std::thread::sleep(Duration::from_secs(3));
+                Ok(())
+            },
+        )
+        .await;
+        let err = result.expect_err("a stuck call must not be waited for");
+        assert_eq!(classify(&err), TxnErrorKind::Fatal, "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "waited {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_within_its_bound_answers_as_itself() {
+        let p = producer();
+        let ok = bounded(
+            &p,
+            Duration::from_millis(50),
+            Duration::from_millis(500),
+            |_, t| {
+                assert_eq!(t, Duration::from_millis(50), "the call gets its timeout");
+                Ok(())
+            },
+        );
+        assert!(ok.await.is_ok());
+        let err = bounded(
+            &p,
+            Duration::from_millis(50),
+            Duration::from_millis(500),
+            |_, _| {
+                Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::InvalidProducerEpoch,
+                ))
+            },
+        );
+        assert!(matches!(
+            err.await,
+            Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::InvalidProducerEpoch
+            ))
+        ));
     }
 }
