@@ -1,12 +1,13 @@
 //! Invariants of the log itself: it decodes, its sequences are whole, keyed retries were
-//! answered alike, and the DLQ parks nothing that could have been applied. (That each
+//! answered alike, and the DLQ parks nothing that could have been applied (no event that
+//! decodes, no command whose envelope parses). (That each
 //! acknowledged command is in it once is `acked.rs`.)
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use aggregates::fulfilment::FulfilmentEvent;
 use aggregates::{InventoryEvent, OrderEvent, PaymentEvent};
-use eventlog::{EventEnvelope, Outcome};
+use eventlog::{CommandEnvelope, EventEnvelope, Outcome};
 
 use super::{names, History, Verdict};
 use crate::model::{HttpAnswer, Log, LoggedEvent, Model};
@@ -141,6 +142,30 @@ pub fn dead_letters(log: &Log) -> Verdict {
     let mut v = Verdict::new(names::DEAD_LETTERS);
     for record in &log.dead_letters {
         v.checked += 1;
+        let at = || {
+            format!(
+                "DLQ offset {} (from {})",
+                record.offset,
+                record.source.as_deref().unwrap_or("?")
+            )
+        };
+        // A processor parks only a command whose envelope does not parse (one whose
+        // command its aggregate does not know is refused, not parked).
+        if let Some(command) = record
+            .payload
+            .as_deref()
+            .and_then(|p| serde_json::from_slice::<CommandEnvelope>(p).ok())
+        {
+            v.violate(
+                at(),
+                "only records that can never apply",
+                format!(
+                    "a command envelope that parses ({} for {})",
+                    command.command_id, command.aggregate_id
+                ),
+            );
+            continue;
+        }
         let Some(envelope) = record
             .payload
             .as_deref()
@@ -150,11 +175,7 @@ pub fn dead_letters(log: &Log) -> Verdict {
         };
         if decodes(&envelope) {
             v.violate(
-                format!(
-                    "DLQ offset {} (from {})",
-                    record.offset,
-                    record.source.as_deref().unwrap_or("?")
-                ),
+                at(),
                 "only records that can never apply",
                 format!(
                     "a valid {} {} of {}@{}",

@@ -383,6 +383,31 @@ fn an_undecodable_event_and_a_valid_dead_letter_fail_their_invariants() {
     });
     assert_eq!(failed(&model), vec![names::DEAD_LETTERS]);
 
+    // A parked command: only one whose envelope does not parse may be there.
+    let mut model = sim.settled();
+    let unparsable = br#"{"command_id": "not a uuid"}"#.to_vec();
+    model.log.dead_letters.push(DeadLetter {
+        offset: 0,
+        source: Some("tally.order.commands/0/7".into()),
+        payload: Some(unparsable),
+    });
+    assert!(failed(&model).is_empty(), "{:?}", failed(&model));
+    let command = json!({
+        "command_id": "5f0c2b1e-8d1a-4c5e-9a4b-2f7f0c1d2e3f",
+        "aggregate_id": "WIDGET-1",
+        "command": {"Restock": {"quantity": 1}},
+        "expected_version": null,
+        "correlation_id": null,
+        "traceparent": null,
+        "actor": null
+    });
+    model.log.dead_letters.push(DeadLetter {
+        offset: 1,
+        source: Some("tally.inventory.commands/0/8".into()),
+        payload: Some(serde_json::to_vec(&command).expect("json serialises")),
+    });
+    assert_eq!(failed(&model), vec![names::DEAD_LETTERS]);
+
     let mut model = sim.settled();
     let stream = events(&mut model, ORDER);
     let last = stream.len() - 1;
