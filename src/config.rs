@@ -9,7 +9,13 @@ use eventlog::KafkaConfig;
 
 /// Tally: event-sourced orders, inventory and payments on an Apache Kafka log.
 #[derive(Debug, Parser)]
-#[command(name = "tally", version, propagate_version = true)]
+#[command(
+    name = "tally",
+    version,
+    propagate_version = true,
+    after_help = "Logging: TALLY_LOG sets what is logged, as a tracing filter (default `info`; \
+                  e.g. `TALLY_LOG=info,eventlog=debug`); --log-format picks text or json."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -145,7 +151,8 @@ pub struct ServeArgs {
 /// `tally replay` settings.
 #[derive(Debug, Clone, Args)]
 pub struct ReplayArgs {
-    /// The projection: orders, inventory, accounts or journal.
+    /// The projection to rebuild.
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(projections::Kind::ALL.map(projections::Kind::name)))]
     pub projection: String,
     #[command(flatten)]
     pub common: CommonArgs,
@@ -383,5 +390,29 @@ mod tests {
     #[test]
     fn zero_partitions_is_refused() {
         assert!(Cli::try_parse_from(["tally", "serve", "--partitions", "0"]).is_err());
+    }
+
+    #[test]
+    fn replay_takes_only_a_projection_that_exists_and_names_them_all() {
+        for kind in projections::Kind::ALL {
+            assert!(
+                Cli::try_parse_from(["tally", "replay", kind.name()]).is_ok(),
+                "{}",
+                kind.name()
+            );
+        }
+        let err = Cli::try_parse_from(["tally", "replay", "order"])
+            .expect_err("an unknown projection is refused")
+            .to_string();
+        for kind in projections::Kind::ALL {
+            assert!(err.contains(kind.name()), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_help_names_the_log_filter_variable() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("TALLY_LOG"), "{help}");
     }
 }

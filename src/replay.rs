@@ -14,10 +14,14 @@ use crate::config::ReplayArgs;
 
 /// Rebuilds one read model and swaps it in, drawing a bar while it runs.
 pub async fn run(args: &ReplayArgs) -> anyhow::Result<()> {
+    // Checked by the command line already; a name it allows and `Kind` does not know is
+    // a bug, named as such.
     let kind = Kind::from_name(&args.projection).with_context(|| {
+        let names: Vec<&str> = Kind::ALL.into_iter().map(Kind::name).collect();
         format!(
-            "no projection {:?}; choose one of orders, inventory, accounts, journal",
-            args.projection
+            "no projection {:?}; choose one of {}",
+            args.projection,
+            names.join(", ")
         )
     })?;
     let state = crate::prepare(&args.common).await?;
